@@ -1,0 +1,5 @@
+import sys
+
+from optstate.cli import main
+
+sys.exit(main())
