@@ -25,8 +25,44 @@ from optstate._base import (
 )
 
 # --- building blocks and aliases (foundation) --------------------------------------------
+from optstate._adadelta import ScaleByAdaDeltaState, scale_by_adadelta
+from optstate._adam import ScaleByAdamState, scale_by_adam
+from optstate._aliases import (
+    adadelta,
+    adafactor,
+    adagrad,
+    adam,
+    adam_l2,
+    adamw,
+    lamb,
+    lion,
+    rmsprop,
+    sgd,
+)
+from optstate._clipping import clip, clip_by_block_rms, clip_by_global_norm
+from optstate._factored import FactoredState, scale_by_factored_rms, scale_by_param_block_rms
+from optstate._lion import ScaleByLionState, scale_by_lion
+from optstate._momentum import EmaState, TraceState, ema, trace
+from optstate._numerics import safe_increment
+from optstate._rms import (
+    ScaleByRmsState,
+    ScaleByRmsWithCountState,
+    ScaleByRssState,
+    ScaleByRStdDevState,
+    ScaleByRStdDevWithCountState,
+    scale_by_rms,
+    scale_by_rss,
+    scale_by_stddev,
+)
+from optstate._scale import ScaleByScheduleState, scale, scale_by_learning_rate, scale_by_schedule
+from optstate._trust_ratio import scale_by_trust_ratio
+from optstate._weight_decay import WeightDecaySchedule, add_decayed_weights
 
 # --- wrappers (foundation) ---------------------------------------------------------------
+from optstate._finite import ApplyIfFiniteState, apply_if_finite
+from optstate._inject import InjectHyperparamsState, inject_hyperparams
+from optstate._masking import MaskedNode, MaskedState, masked
+from optstate._partition import PartitionState, partition
 
 # --- quantized state ---------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ from typing import Any, Callable, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
+from optstate._tree_checks import check_same_tree
+
 PyTree = Any
 Params = PyTree
 Updates = PyTree
@@ -148,9 +150,8 @@ def apply_updates(params: Params, updates: Updates) -> Params:
 
     ``None`` parameters (e.g. from a partitioned tree) are kept as ``None``.
     """
-    from optstate._tree_checks import check_same_tree
-
-    check_same_tree(updates, params, given="updates", expected="params", context="apply_updates")
+    check_same_tree(updates, params, name="updates", reference_name="params",
+                    context="apply_updates")
     return jax.tree.map(
         lambda p, u: None if p is None else jnp.asarray(p + u).astype(jnp.asarray(p).dtype),
         params,
