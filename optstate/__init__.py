@@ -65,8 +65,11 @@ from optstate._masking import MaskedNode, MaskedState, masked
 from optstate._partition import PartitionState, partition
 
 # --- quantized state ---------------------------------------------------------------------
+from optstate._qarray import QuantizedArray, dequantize, is_quantized
+from optstate._quantize_state import NONNEG_FIELDS, QuantizedState, quantize_state
 
 # --- staleness and resets ----------------------------------------------------------------
+from optstate._reset import adaptive_reset, reset_every_n
 
 _LAZY_SUBMODULES = ("schedules", "inspect", "staleness", "sharding", "checkpoint", "tasks")
 

@@ -1,0 +1,118 @@
+"""Quantized optimizer state: bytes per parameter, peak step memory, step time.
+
+Three measurements (issue 3's "Must show"), all against Optax's float32 AdamW:
+
+* ``bytes``: Adam state bytes per parameter (scales included) on one 1024 x 1024 leaf, per
+  format, from ``optstate.inspect.state_bytes`` (checked against the arrays' ``nbytes``).
+* ``memory``: XLA's memory analysis (arguments + outputs - aliased + temporaries) of the
+  jitted, fully donated step ``(params, state, grads) -> (params + updates, state)`` on 8
+  leaves of 1024 x 1024 (compiled only, nothing runs). Limits: int8 <= 0.75x Optax (target
+  0.65x), int4 <= 0.70x (target 0.60x).
+* ``time``: median step time on 8 leaves of 2048 x 2048 (32M parameters), interleaved
+  round-robin with Optax's fp32 AdamW in one process. Limit: int8 <= 1.5x.
+
+    python bench/quantized.py [bytes|memory|time|all] [--repeats 15] [--side 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import warnings
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import optstate
+from optstate._measure import compiled_memory, median_ratio, time_interleaved
+from optstate.inspect import state_bytes
+
+FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2", "bf16")
+
+
+def bench_bytes() -> None:
+    params = {"w": jnp.zeros((1024, 1024))}
+    print("Adam state bytes per parameter, one 1024x1024 leaf (scales included)")
+    for fmt in FORMATS + ("fp32",):
+        state = jax.eval_shape(optstate.quantize_state(optax.adam(1e-3), fmt).init, params)
+        nbytes = state_bytes(state)
+        assert nbytes == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+        print(f"  {fmt:9s} {nbytes / 2**20:.4f} B/param")
+
+
+def _donated_step(tx):
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def bench_memory(leaves: int = 8, side: int = 1024) -> None:
+    params = {f"w{i}": jax.ShapeDtypeStruct((side, side), jnp.float32) for i in range(leaves)}
+    n = leaves * side * side
+
+    def peak(tx):
+        state = jax.eval_shape(tx.init, params)
+        with warnings.catch_warnings():  # the gradients' buffers cannot be reused: expected
+            warnings.simplefilter("ignore")
+            jitted = jax.jit(_donated_step(tx), donate_argnums=(0, 1, 2))
+            return compiled_memory(jitted, params, state, params)
+
+    base = peak(optax.adamw(1e-3))
+    print(f"Peak memory of the donated AdamW step, {leaves} leaves of {side}x{side} "
+          f"({n / 1e6:.1f}M params); bytes/param: args + outputs - aliased + temporaries")
+    print(f"  optax fp32 {base.peak / n:6.2f} B/param (temporaries {base.temporaries / n:.3f})")
+    for fmt in FORMATS:
+        m = peak(optstate.quantize_state(optax.adamw(1e-3), fmt))
+        print(f"  {fmt:9s}  {m.peak / n:6.2f} B/param (temporaries {m.temporaries / n:.3f})"
+              f"  ratio {m.peak / base.peak:.3f}")
+
+
+def bench_time(leaves: int = 8, side: int = 2048, repeats: int = 15,
+               formats: tuple[str, ...] = ("int8",) + FORMATS[1:]) -> None:
+    keys = jax.random.split(jax.random.key(0), leaves)
+    params = {f"w{i}": 0.1 * jax.random.normal(k, (side, side)) for i, k in enumerate(keys)}
+    grads = jax.tree.map(lambda p: 0.01 * p, params)
+
+    def runner(tx):
+        step = jax.jit(_donated_step(tx), donate_argnums=(0, 1))
+        box = [jax.tree.map(jnp.copy, params), tx.init(params)]
+
+        def run():
+            box[0], box[1] = step(box[0], box[1], grads)
+            jax.block_until_ready(box[0])
+
+        return run
+
+    steps = {"optax": runner(optax.adamw(1e-3))}
+    for fmt in formats:
+        steps[fmt] = runner(optstate.quantize_state(optax.adamw(1e-3), fmt))
+    timings = time_interleaved(steps, repeats=repeats, warmup=2)
+    n = leaves * side * side
+    base = statistics.median(timings["optax"])
+    print(f"Step time, {leaves} leaves of {side}x{side} ({n / 1e6:.1f}M params), interleaved, "
+          f"median of {repeats}; device: {jax.devices()[0].device_kind}")
+    print(f"  optax fp32 {base * 1e3:7.1f} ms")
+    for fmt in formats:
+        t = statistics.median(timings[fmt])
+        print(f"  {fmt:9s}  {t * 1e3:7.1f} ms  ratio {median_ratio(timings, fmt, 'optax'):.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", nargs="?", default="all", choices=["bytes", "memory", "time", "all"])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--side", type=int, default=2048, help="leaf side for the time benchmark")
+    args = parser.parse_args()
+    if args.what in ("bytes", "all"):
+        bench_bytes()
+    if args.what in ("memory", "all"):
+        bench_memory()
+    if args.what in ("time", "all"):
+        bench_time(side=args.side, repeats=args.repeats)
+
+
+if __name__ == "__main__":
+    main()

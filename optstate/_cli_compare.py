@@ -1,0 +1,204 @@
+"""``optstate compare``: train the embedded task once per optimizer-state configuration.
+
+Writes ``results.json``, ``loss_curves.png`` and ``memory_quality.png`` into ``--out`` and
+prints a table: state bytes per parameter, peak step memory, step time relative to fp32,
+final train and held-out loss, and the held-out loss gap to fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from optstate.tasks.configs import (
+    DEFAULT_CONFIGS,
+    REFERENCE,
+    ConfigError,
+    Hyperparameters,
+    StateConfig,
+    accepted_names_text,
+    available_defaults,
+    parse_configs,
+    reset_period,
+)
+
+NAME = "compare"
+HELP = ("Train a small byte-level transformer on Python's stdlib sources once per optimizer-state "
+        "format; write a table, JSON and plots.")
+DEFAULT_OUT = "optstate-results"
+DEFAULT_STEPS = 300
+QUICK_STEPS = 100
+DEFAULT_TIMING_REPEATS = 10
+QUICK_TIMING_REPEATS = 5
+
+
+class UsageError(Exception):
+    """A user error reported as one line and exit code 2."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Registers ``compare``'s options."""
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help=f"training steps per configuration (default {DEFAULT_STEPS}, "
+                        f"or {QUICK_STEPS} with --quick)")
+    parser.add_argument("--configs", nargs="+", metavar="NAME", default=None,
+                        help=f"configurations to run ({accepted_names_text()}); default: "
+                        f"{' '.join(DEFAULT_CONFIGS)} (those this installation provides). "
+                        f"{REFERENCE} always runs as the reference")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a short run ({QUICK_STEPS} steps, fewer timing repeats)")
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                        help=f"directory for results.json and the plots (default ./{DEFAULT_OUT})")
+    parser.add_argument("--seed", type=_int, default=0,
+                        help="seed of the initial parameters and the batch order (default 0)")
+    parser.add_argument("--b2", type=_unit_interval, default=Hyperparameters().b2,
+                        help="Adam's second-moment decay (default %(default)s, a 100-step memory "
+                        "that fits the short runs; Adam's usual 0.999 remembers 1000 steps)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def selected_configs(names: list[str] | None) -> list[StateConfig]:
+    """The configurations named on the command line (comma- or space-separated) or the defaults.
+
+    The fp32 reference is checked too, since it always runs.
+
+    Raises:
+      ConfigError: for an unknown or unavailable name.
+    """
+    parse_configs([REFERENCE])
+    if names is None:
+        return available_defaults()
+    split = [part for name in names for part in name.split(",") if part.strip()]
+    if not split:
+        raise ConfigError(f"--configs given without names; {accepted_names_text()}.")
+    return parse_configs([name.strip() for name in split])
+
+
+def prepare_out(out: str) -> Path:
+    """Creates ``out`` if needed and checks that files can be written into it.
+
+    Raises:
+      UsageError: if ``out`` is a file, cannot be created, or is not writable.
+    """
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out!r} is an existing file, expected a directory.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".optstate-write-check-"):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise UsageError(f"cannot write results to --out {out!r}: {reason}.") from None
+    return path
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"optstate {NAME}: error: {message}", file=sys.stderr)
+    return code
+
+
+DEMO_PACKAGES = ("flax", "matplotlib", "tqdm")
+
+
+def missing_demo_packages() -> list[str]:
+    """Those of :data:`DEMO_PACKAGES` (the ``demo`` extra) that are not installed."""
+    return [name for name in DEMO_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def main(args: argparse.Namespace) -> int:
+    """Runs the comparison; returns the exit code (2 for user errors)."""
+    missing = missing_demo_packages()
+    if missing:
+        return _fail(f"the comparison needs {', '.join(missing)} (install them with "
+                     "`pip install 'optstate[demo]'`).", 1)
+    steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
+    hyper = Hyperparameters(b2=args.b2)
+    try:
+        configs = selected_configs(args.configs)
+        periods = {c.name: reset_period(c, hyper) for c in configs}  # fail now, not after fp32
+        out = prepare_out(args.out)
+    except (ConfigError, UsageError) as error:
+        return _fail(str(error), 2)
+    if args.configs is None:
+        configs = _drop_idle_resets(configs, periods, steps)
+    return _run(args, configs, hyper, steps, out)
+
+
+def _drop_idle_resets(configs: list[StateConfig], periods: dict[str, int | None],
+                      steps: int) -> list[StateConfig]:
+    """Drops default ``+reset`` configurations whose period is not shorter than the run
+    (they would never reset, and duplicate the run without reset)."""
+    kept = []
+    for config in configs:
+        period = periods[config.name]
+        if period is not None and period >= steps:
+            print(f"optstate {NAME}: skipping {config.name}: its reset period ({period} steps) "
+                  f"is not shorter than the run ({steps} steps).", file=sys.stderr)
+            continue
+        kept.append(config)
+    return kept
+
+
+def _run(args: argparse.Namespace, configs: list[StateConfig], hyper: Hyperparameters,
+         steps: int, out: Path) -> int:
+    from optstate.tasks import compare, report
+    from optstate.tasks.stdlib_text import load_corpus
+    from optstate.tasks.training import TrainConfig
+
+    repeats = QUICK_TIMING_REPEATS if args.quick else DEFAULT_TIMING_REPEATS
+    train_config = TrainConfig(steps=steps, seed=args.seed)
+    try:
+        corpus = load_corpus()
+    except OSError as error:
+        return _fail(str(error), 1)
+    tokens = train_config.batch_size * train_config.model.seq_len
+
+    def progress(config: StateConfig, total: int) -> report.RunProgress:
+        return report.RunProgress(config.name, total, tokens, disable=args.no_progress)
+
+    results = compare.compare(corpus, configs, train_config, hyper, timing_repeats=repeats,
+                              progress_factory=progress)
+    results["quick"] = bool(args.quick)
+    try:
+        paths = report.write_outputs(results, out)
+    except OSError as error:
+        return _fail(f"cannot write results to --out {str(out)!r}: {error.strerror or error}.", 2)
+    print("\n".join(report.summary_lines(results)))
+    print()
+    print(report.format_table(results))
+    print()
+    print("wrote " + ", ".join(os.fspath(p) for p in paths))
+    return 0

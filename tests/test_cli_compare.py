@@ -1,0 +1,205 @@
+"""``optstate compare`` and ``optstate bench``: outputs, measured figures, and user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import optstate
+from optstate.cli import main
+from optstate.tasks import report
+from optstate.tasks.configs import ConfigError, parse_config, parse_configs
+
+REQUIRED_FIELDS = (
+    "state_bytes", "state_bytes_per_param", "peak_step_memory_bytes", "peak_update_memory_bytes",
+    "step_time_s", "step_time_ratio_to_fp32", "final_train_loss", "final_heldout_loss",
+    "loss_gap_to_fp32", "train_losses", "heldout_curve",
+)
+QUANTIZED = "int8" if hasattr(optstate, "quantize_state") else None
+
+
+def _run_cli(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "optstate", *argv], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def _is_png(path: Path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One cheap ``compare --quick`` run shared by the output tests."""
+    out = tmp_path_factory.mktemp("results")
+    configs = ["fp32"] + ([QUANTIZED] if QUANTIZED else [])
+    code = main(["compare", "--quick", "--steps", "4", "--configs", *configs, "--out", str(out),
+                 "--no-progress"])
+    return code, out
+
+
+def test_quick_compare_writes_json_and_plots(quick_run, capsys):
+    code, out = quick_run
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 4 and results["quick"] is True and results["reference"] == "fp32"
+    for png in (report.LOSS_CURVES_PNG, report.MEMORY_QUALITY_PNG):
+        assert _is_png(out / png) and (out / png).stat().st_size > 10_000
+    for record in results["configs"].values():
+        for field in REQUIRED_FIELDS:
+            assert field in record, field
+        assert len(record["train_losses"]) == 4
+        assert np.isfinite(record["final_train_loss"]) and np.isfinite(record["final_heldout_loss"])
+        assert record["step_time_s"] > 0
+        memory = record["step_memory"]
+        assert record["peak_step_memory_bytes"] == (
+            memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"])
+
+
+def test_fp32_figures_match_independent_counts(quick_run):
+    _, out = quick_run
+    results = json.loads((out / "results.json").read_text())
+    fp32 = results["configs"]["fp32"]
+    count = results["task"]["num_params"]
+    from optstate.tasks.training import init_model
+    from optstate.tasks.transformer import ModelConfig
+
+    _, params = init_model(ModelConfig(**results["task"]["model"]), seed=0)
+    assert count == sum(leaf.size for leaf in jax.tree.leaves(params))
+    # AdamW in fp32: two moments of 4 bytes per parameter plus a few int32 counters.
+    assert 8 * count <= fp32["state_bytes"] <= 8 * count + 64
+    assert fp32["step_time_ratio_to_fp32"] == 1.0 and fp32["loss_gap_to_fp32"] == 0.0
+    # The donated step holds params + state + the batch as arguments, aliased into outputs.
+    assert fp32["step_memory"]["arguments"] >= 4 * count + fp32["state_bytes"]
+    assert fp32["step_memory"]["aliased"] >= 4 * count + 8 * count
+
+
+@pytest.mark.skipif(QUANTIZED is None, reason="optstate.quantize_state not available")
+def test_quantized_state_is_measured_smaller_with_a_loss_gap(quick_run):
+    _, out = quick_run
+    records = json.loads((out / "results.json").read_text())["configs"]
+    fp32, int8 = records["fp32"], records[QUANTIZED]
+    assert int8["state_bytes_per_param"] < 0.35 * fp32["state_bytes_per_param"]
+    # XLA's arguments are params + state (+ grads or the batch): they differ by the state bytes.
+    saved = fp32["state_bytes"] - int8["state_bytes"]
+    for memory in ("update_memory", "step_memory"):
+        assert fp32[memory]["arguments"] - int8[memory]["arguments"] == saved
+    gap = int8["final_heldout_loss"] - fp32["final_heldout_loss"]
+    assert int8["loss_gap_to_fp32"] == pytest.approx(gap)
+
+
+def test_table_lists_every_configuration(quick_run, capsys):
+    _, out = quick_run
+    results = json.loads((out / "results.json").read_text())
+    table = report.format_table(results)
+    assert "state B/param" in table and "gap vs fp32" in table
+    for name in results["configs"]:
+        assert any(line.startswith(name + " ") for line in table.splitlines())
+
+
+def test_reference_is_added_and_duplicates_dropped():
+    from optstate.tasks.compare import with_reference
+
+    configs = parse_configs(["fp32", "fp32"])
+    assert [c.name for c in with_reference(configs)] == ["fp32"]
+    if QUANTIZED:
+        names = [c.name for c in with_reference(parse_configs([QUANTIZED]))]
+        assert names == ["fp32", QUANTIZED]
+
+
+def test_smoothing_is_a_trailing_mean():
+    values = np.array([1.0, 3.0, 5.0, 7.0])
+    np.testing.assert_allclose(report.smooth(values, 2), [1.0, 2.0, 4.0, 6.0])
+    np.testing.assert_allclose(report.smooth(values, 10), [1.0, 2.0, 3.0, 4.0])
+
+
+# --- user errors: clear one-line messages, exit code 2, no traceback ----------------------
+
+
+def test_unknown_configuration_names_the_accepted_ones(tmp_path):
+    result = _run_cli("compare", "--configs", "fp32", "int3", "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "unknown configuration 'int3'" in result.stderr
+    assert "fp32, bf16, int8, int4, fp8_e4m3" in result.stderr
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("make_out", ["file", "under_file"])
+def test_unwritable_out_is_a_clear_error(tmp_path, capsys, make_out):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    out = blocker if make_out == "file" else blocker / "results"
+    code = main(["compare", "--configs", "fp32", "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("optstate compare: error:") and str(out) in err
+    assert err.count("\n") == 1
+
+
+def test_unwritable_out_from_the_console_has_no_traceback(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    result = _run_cli("compare", "--quick", "--out", str(blocker / "x"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "cannot write results" in result.stderr
+
+
+def test_bad_steps_are_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["compare", "--steps", "0"])
+    assert info.value.code == 2
+    assert "--steps: expected a positive integer" in capsys.readouterr().err
+
+
+def test_reset_configuration_without_a_period_is_rejected(tmp_path, capsys):
+    if parse_config("int8+reset").missing():
+        pytest.skip("quantize_state or reset_every_n not available")
+    code = main(["compare", "--configs", "int8+reset", "--out", str(tmp_path)])
+    assert code == 2
+    assert "int8+reset" in capsys.readouterr().err
+
+
+def test_fp32_with_stochastic_rounding_is_explained():
+    with pytest.raises(ConfigError, match="not rounded"):
+        parse_config("fp32-sr")
+
+
+# --- bench ----------------------------------------------------------------------------------
+
+
+def test_bench_prints_a_table_against_optax(capsys):
+    configs = ["fp32"] + ([QUANTIZED] if QUANTIZED else [])
+    code = main(["bench", "--leaves", "1", "--side", "96", "--repeats", "2", "--configs", *configs])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split("  ")[0].strip(): line.split()
+            for line in lines if line.startswith(("optax", "optstate"))}
+    assert set(rows) == {"optax fp32", *(f"optstate {c}" for c in configs)}
+    assert rows["optax fp32"][-1] == "1.00x"
+    # fp32 state: 2 moments x 4 bytes, plus int32 counters spread over 96 * 96 parameters.
+    assert 8.0 <= float(rows["optstate fp32"][2]) <= 8.01
+
+
+def test_bench_rejects_an_unknown_configuration(capsys):
+    assert main(["bench", "--configs", "nope"]) == 2
+    assert "unknown configuration 'nope'" in capsys.readouterr().err
+
+
+def test_missing_demo_packages_are_named(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    assert main(["compare", "--configs", "fp32", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "needs matplotlib" in err and "optstate[demo]" in err
