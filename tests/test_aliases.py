@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import functools
+import sys
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,69 +14,15 @@ import pytest
 
 import optstate
 
-STEPS = 40
-RTOL, ATOL = 2e-5, 2e-6
+sys.path.insert(0, str(Path(__file__).parent))
+import _optax_parity as parity  # noqa: E402
 
-
-def _params():
-    key = jax.random.key(0)
-    k1, k2 = jax.random.split(key)
-    return {
-        "w": jax.random.normal(k1, (8, 6), jnp.float32),
-        "b": jax.random.normal(k2, (6,), jnp.float32) * 0.1,
-        "s": jnp.asarray(0.5, jnp.float32),
-    }
-
-
-def _noise(steps: int = STEPS):
-    key = jax.random.key(1)
-    ks = jax.random.split(key, 3)
-    return {
-        "w": jax.random.normal(ks[0], (steps, 8, 6), jnp.float32),
-        "b": jax.random.normal(ks[1], (steps, 6), jnp.float32),
-        "s": jax.random.normal(ks[2], (steps,), jnp.float32),
-    }
-
-
-# Per-leaf curvature two orders of magnitude apart: the gradient depends on the parameters
-# (so the two trajectories feed back) and on a fixed random sequence (so it is not constant).
-_CURVATURE = {"w": 1.0, "b": 0.02, "s": 3.0}
-
-
-def _grads(params, noise):
-    return {k: _CURVATURE[k] * (params[k] - 0.3) + 0.1 * noise[k] for k in params}
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _run_pair(ours, theirs, params, noise):
-    """``STEPS`` steps of both transforms on the same gradient sequence, in one program."""
-
-    def run(tx):
-        def step(carry, n):
-            p, s = carry
-            u, s = tx.update(_grads(p, n), s, p)
-            return (optax.apply_updates(p, u), s), None
-
-        (p, s), _ = jax.lax.scan(step, (params, tx.init(params)), noise)
-        return p, s
-
-    return run(ours), run(theirs)
-
-
-def _assert_trees_close(got, want, what):
-    got_leaves = jax.tree_util.tree_flatten_with_path(got)[0]
-    want_leaves = jax.tree.leaves(want)
-    assert len(got_leaves) == len(want_leaves), what
-    for (path, g), w in zip(got_leaves, want_leaves):
-        np.testing.assert_allclose(
-            np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=RTOL, atol=ATOL,
-            equal_nan=False,
-            err_msg=f"{what} at {jax.tree_util.keystr(path)}",
-        )
+# The seeds this file's tests have always used (test_transforms.py uses 2 and 3).
+PARAMS_SEED, NOISE_SEED = 0, 1
 
 
 def _schedule(peak):
-    return optax.schedules.warmup_cosine_decay_schedule(0.0, peak, 5, STEPS, peak * 0.1)
+    return optax.schedules.warmup_cosine_decay_schedule(0.0, peak, 5, parity.STEPS, peak * 0.1)
 
 
 # (name, optstate factory, optax factory, learning rate); each alias with a float and a
@@ -112,16 +59,16 @@ _ALIAS_CASES = [
 @pytest.mark.parametrize("name,ours,theirs,lr", _ALIAS_CASES, ids=[c[0] for c in _ALIAS_CASES])
 def test_alias_matches_optax_after_40_steps(name, ours, theirs, lr, scheduled):
     rate = _schedule(lr) if scheduled else lr
-    params = _params()
-    (p_ours, s_ours), (p_ref, s_ref) = _run_pair(ours(rate), theirs(rate), params, _noise())
-    _assert_trees_close(p_ours, p_ref, f"{name} params")
-    _assert_trees_close(s_ours, s_ref, f"{name} state")
+    params, noise = parity.params(seed=PARAMS_SEED), parity.noise(seed=NOISE_SEED)
+    (p_ours, s_ours), (p_ref, s_ref) = parity.run_pair(ours(rate), theirs(rate), params, noise)
+    parity.assert_trees_close(p_ours, p_ref, f"{name} params", check_dtype=False)
+    parity.assert_trees_close(s_ours, s_ref, f"{name} state", check_dtype=False)
     # The run moved the parameters (a test that cannot fail otherwise).
     assert float(jnp.max(jnp.abs(p_ours["w"] - params["w"]))) > 1e-3
 
 
 def test_adafactor_factors_the_matrix_leaf():
-    state = optstate.adafactor(0.1, min_dim_size_to_factor=4).init(_params())
+    state = optstate.adafactor(0.1, min_dim_size_to_factor=4).init(parity.params(seed=PARAMS_SEED))
     factored = state[0]
     assert factored.v_row["w"].shape == (6,) and factored.v_col["w"].shape == (8,)
     assert factored.v["w"].shape == (1,) and factored.v["b"].shape == (6,)
@@ -154,21 +101,21 @@ def test_adamw_worked_example_one_step():
 
 def test_adam_l2_differs_from_adamw_and_equals_l2_then_adam():
     wd, lr = 0.1, 0.05
-    params = _params()
-    noise = _noise()
+    params = parity.params(seed=PARAMS_SEED)
+    noise = parity.noise(seed=NOISE_SEED)
     hand_adam = optax.chain(optax.scale_by_adam(), optax.scale(-lr))
 
     def l2_then_adam_step(carry, n):
         p, s = carry
-        g = _grads(p, n)
+        g = parity.grads(p, n)
         g = jax.tree.map(lambda g, p: g + wd * p, g, p)  # L2 folded into the gradient
         u, s = hand_adam.update(g, s)
         return (optax.apply_updates(p, u), s), None
 
     (p_hand, _), _ = jax.lax.scan(l2_then_adam_step, (params, hand_adam.init(params)), noise)
-    (p_l2, _), (p_w, _) = _run_pair(optstate.adam_l2(lr, weight_decay=wd),
-                                    optstate.adamw(lr, weight_decay=wd), params, noise)
-    _assert_trees_close(p_l2, p_hand, "adam_l2 vs L2-then-Adam")
+    (p_l2, _), (p_w, _) = parity.run_pair(optstate.adam_l2(lr, weight_decay=wd),
+                                          optstate.adamw(lr, weight_decay=wd), params, noise)
+    parity.assert_trees_close(p_l2, p_hand, "adam_l2 vs L2-then-Adam", check_dtype=False)
     assert float(jnp.max(jnp.abs(p_l2["w"] - p_w["w"]))) > 1e-3
 
 
@@ -216,8 +163,8 @@ def test_alias_protocol_hashable_no_arrays_structure_kept_extra_kwargs(tx):
     hash(tx)
     assert {tx: 1}[tx] == 1
     assert _arrays_in_closures(tx) == []
-    params = _params()
-    grads = _grads(params, jax.tree.map(lambda x: x[0], _noise(1)))
+    params = parity.params(seed=PARAMS_SEED)
+    grads = parity.grads(params, jax.tree.map(lambda x: x[0], parity.noise(1, seed=NOISE_SEED)))
     # Shape-level evaluation: no compilation, checks the state's structure, shapes and dtypes.
     state0 = jax.eval_shape(tx.init, params)
     _, state1 = jax.eval_shape(
@@ -237,12 +184,12 @@ def test_jitted_step_does_not_recompile_on_step_two():
     @jax.jit
     def step(params, state, n):
         traces.append(1)
-        u, state = tx.update(_grads(params, n), state, params)
+        u, state = tx.update(parity.grads(params, n), state, params)
         return optstate.apply_updates(params, u), state
 
-    params = _params()
+    params = parity.params(seed=PARAMS_SEED)
     state = tx.init(params)
-    noise = _noise(3)
+    noise = parity.noise(3, seed=NOISE_SEED)
     for i in range(3):
         params, state = step(params, state, jax.tree.map(lambda x: x[i], noise))
     assert len(traces) == 1
@@ -252,24 +199,26 @@ def test_jitted_step_does_not_recompile_on_step_two():
 
 def test_mixes_with_optax_in_chain_both_directions():
     lr, wd = 0.05, 0.05
-    params, noise = _params(), _noise()
+    params, noise = parity.params(seed=PARAMS_SEED), parity.noise(seed=NOISE_SEED)
     ours_outside = optstate.chain(optax.scale_by_adam(), optstate.add_decayed_weights(wd),
                                   optax.scale_by_learning_rate(lr))
     optax_outside = optax.chain(optstate.scale_by_adam(), optax.add_decayed_weights(wd),
                                 optstate.scale_by_learning_rate(lr))
     reference = optax.adamw(lr, weight_decay=wd)
-    (p1, s1), (p_ref, s_ref) = _run_pair(ours_outside, reference, params, noise)
-    (p2, s2), _ = _run_pair(optax_outside, reference, params, noise)
-    _assert_trees_close(p1, p_ref, "optstate.chain(optax, optstate, optax)")
-    _assert_trees_close(p2, p_ref, "optax.chain(optstate, optax, optstate)")
-    _assert_trees_close(s2, s_ref, "state of optax.chain(optstate, ...)")
+    (p1, s1), (p_ref, s_ref) = parity.run_pair(ours_outside, reference, params, noise)
+    (p2, s2), _ = parity.run_pair(optax_outside, reference, params, noise)
+    parity.assert_trees_close(p1, p_ref, "optstate.chain(optax, optstate, optax)",
+                              check_dtype=False)
+    parity.assert_trees_close(p2, p_ref, "optax.chain(optstate, optax, optstate)",
+                              check_dtype=False)
+    parity.assert_trees_close(s2, s_ref, "state of optax.chain(optstate, ...)", check_dtype=False)
 
 
 def test_flax_style_extra_args_through_optax_wrappers():
     # Optax's own combinators call update with extra keyword arguments (e.g. value=...).
     tx = optax.chain(optstate.adam(0.1), optax.scale(1.0))
-    params = _params()
-    grads = _grads(params, jax.tree.map(lambda x: x[0], _noise(1)))
+    params = parity.params(seed=PARAMS_SEED)
+    grads = parity.grads(params, jax.tree.map(lambda x: x[0], parity.noise(1, seed=NOISE_SEED)))
     u, _ = tx.update(grads, tx.init(params), params, value=jnp.asarray(1.0))
     u_ref, _ = optax.adam(0.1).update(grads, optax.adam(0.1).init(params), params)
-    _assert_trees_close(u, u_ref, "updates")
+    parity.assert_trees_close(u, u_ref, "updates", check_dtype=False)

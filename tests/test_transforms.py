@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import functools
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,60 +14,11 @@ import pytest
 import optstate
 from optstate import _numerics
 
-STEPS = 40
-RTOL, ATOL = 2e-5, 2e-6
+sys.path.insert(0, str(Path(__file__).parent))
+import _optax_parity as parity  # noqa: E402
 
-
-def _params():
-    k1, k2 = jax.random.split(jax.random.key(2))
-    return {
-        "w": jax.random.normal(k1, (8, 6), jnp.float32),
-        "b": jax.random.normal(k2, (6,), jnp.float32) * 0.1,
-        "s": jnp.asarray(0.5, jnp.float32),
-    }
-
-
-def _noise(steps: int = STEPS):
-    ks = jax.random.split(jax.random.key(3), 3)
-    return {
-        "w": jax.random.normal(ks[0], (steps, 8, 6), jnp.float32),
-        "b": jax.random.normal(ks[1], (steps, 6), jnp.float32),
-        "s": jax.random.normal(ks[2], (steps,), jnp.float32),
-    }
-
-
-_CURVATURE = {"w": 1.0, "b": 0.02, "s": 3.0}
-
-
-def _grads(params, noise):
-    return {k: _CURVATURE[k] * (params[k] - 0.3) + 0.1 * noise[k] for k in params}
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _run_pair(ours, theirs, params, noise):
-    def run(tx):
-        def step(carry, n):
-            p, s = carry
-            u, s = tx.update(_grads(p, n), s, p)
-            return (optax.apply_updates(p, u), s), None
-
-        (p, s), _ = jax.lax.scan(step, (params, tx.init(params)), noise)
-        return p, s
-
-    return run(ours), run(theirs)
-
-
-def _assert_trees_close(got, want, what, rtol=RTOL, atol=ATOL):
-    got_leaves = jax.tree_util.tree_flatten_with_path(got)[0]
-    want_leaves = jax.tree.leaves(want)
-    assert len(got_leaves) == len(want_leaves), what
-    for (path, g), w in zip(got_leaves, want_leaves):
-        assert jnp.result_type(g) == jnp.result_type(w), f"{what} dtype at {path}"
-        np.testing.assert_allclose(
-            np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=rtol, atol=atol,
-            equal_nan=False,
-            err_msg=f"{what} at {jax.tree_util.keystr(path)}",
-        )
+# The seeds this file's tests have always used (test_aliases.py uses 0 and 1).
+PARAMS_SEED, NOISE_SEED = 2, 3
 
 
 def _descend(o, x, lr=0.02):
@@ -134,25 +86,26 @@ _BLOCK_CASES = {
 @pytest.mark.parametrize("name", list(_BLOCK_CASES))
 def test_block_matches_optax_after_40_steps(name):
     ours, theirs = _BLOCK_CASES[name]()
-    params = _params()
-    (p_ours, s_ours), (p_ref, s_ref) = _run_pair(ours, theirs, params, _noise())
-    _assert_trees_close(p_ours, p_ref, f"{name} params")
-    _assert_trees_close(s_ours, s_ref, f"{name} state")
+    params, noise = parity.params(seed=PARAMS_SEED), parity.noise(seed=NOISE_SEED)
+    (p_ours, s_ours), (p_ref, s_ref) = parity.run_pair(ours, theirs, params, noise)
+    parity.assert_trees_close(p_ours, p_ref, f"{name} params")
+    parity.assert_trees_close(s_ours, s_ref, f"{name} state")
     assert float(jnp.max(jnp.abs(p_ours["w"] - params["w"]))) > 1e-3
 
 
 def test_bf16_first_moment_is_stored_in_bf16_and_nu_dtype_is_honoured():
     tx = optstate.scale_by_adam(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
-    params = _params()
+    params = parity.params(seed=PARAMS_SEED)
     state = tx.init(params)
-    _, state = tx.update(_grads(params, jax.tree.map(lambda x: x[0], _noise(1))), state)
+    first_noise = jax.tree.map(lambda x: x[0], parity.noise(1, seed=NOISE_SEED))
+    _, state = tx.update(parity.grads(params, first_noise), state)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.mu))
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.nu))
     assert state.count.dtype == jnp.int32
 
 
 def test_state_field_names_match_optax():
-    params = _params()
+    params = parity.params(seed=PARAMS_SEED)
     pairs = [
         (optstate.scale_by_adam(), optax.scale_by_adam()),
         (optstate.trace(0.9), optax.trace(0.9)),
