@@ -283,6 +283,48 @@ def _placeholder(x: Any) -> Any:
     return jnp.zeros((0,) + shape[1:], x.dtype)
 
 
+# -- explicit-sharding meshes ------------------------------------------------------------------
+
+
+def _explicit_spec(x: Any) -> Any:
+    """The ``PartitionSpec`` of ``x``'s type when ``x`` is typed on a mesh with an Explicit
+    axis (``jax.sharding.AxisType.Explicit``), else ``None``."""
+    try:
+        sharding = getattr(jax.typeof(x), "sharding", None)
+    except TypeError:
+        return None
+    mesh = getattr(sharding, "mesh", None)
+    types = getattr(mesh, "axis_types", ())
+    if not any(t == jax.sharding.AxisType.Explicit for t in types):
+        return None
+    return sharding.spec
+
+
+def _run_in_auto_mode(fn: Any, args: tuple, out_specs: Any) -> Any:
+    """``fn(*args)`` with the mesh's Explicit axes switched to Auto
+    (``jax.sharding.auto_axes``), its outputs typed with ``out_specs``.
+
+    Block quantization reshapes codes and scales (``(rows, n) -> (rows * n / B, B)``), which
+    sharding-in-types rejects for sharded operands on Explicit axes; in Auto mode XLA's
+    partitioner handles them (blocks never straddle a shard, so no data moves)."""
+    return jax.sharding.auto_axes(fn, out_sharding=out_specs)(*args)
+
+
+def _specs_like(tree: Any) -> Any:
+    """``PartitionSpec`` of every array leaf of ``tree`` (replicated where untyped)."""
+    from jax.sharding import PartitionSpec
+
+    def spec(x):
+        s = _explicit_spec(x)
+        return PartitionSpec() if s is None else s
+
+    return jax.tree.map(spec, tree)
+
+
+def _any_explicit(*trees: Any) -> bool:
+    return any(_explicit_spec(x) is not None for t in trees for x in jax.tree.leaves(t))
+
+
 # -- the transform ----------------------------------------------------------------------------
 
 
@@ -388,8 +430,7 @@ def quantize_state(inner: GradientTransformation, fmt: str = "int8", *,
             else:
                 # A boxed leaf (a Flax ``Variable``, as ``nnx.Optimizer`` passes parameters) is
                 # replaced by the quantized array, which Flax then handles as a pytree node.
-                leaves.append(quantize_array(value, fmt, block_size=block or None,
-                                             nonneg=nonneg))
+                leaves.append(_quantize_leaf(value, fmt, block, nonneg))
         key = jax.random.key_data(jax.random.key(cfg.seed))
         return QuantizedState(jax.tree_util.tree_unflatten(treedef, leaves), key)
 
@@ -397,6 +438,16 @@ def quantize_state(inner: GradientTransformation, fmt: str = "int8", *,
         if not isinstance(state, QuantizedState):
             raise ValueError(f"quantize_state: expected a QuantizedState (from this "
                              f"transform's init); got {type(state).__name__}.")
+        if _any_explicit(updates, state, params):
+            # Same structure in and out: the new state keeps the old state's specs and the
+            # updates the gradients' specs.
+            out_specs = (_specs_like(updates), _specs_like(state))
+            return _run_in_auto_mode(
+                lambda u, s, p: _update(u, s, p, **extra_args), (updates, state, params),
+                out_specs)
+        return _update(updates, state, params, **extra_args)
+
+    def _update(updates, state, params=None, **extra_args):
         s_leaves, s_def = jax.tree.flatten(state.inner_state, is_leaf=is_quantized)
         if cfg.rounding == "stochastic":
             key = jax.random.wrap_key_data(state.key)
@@ -422,6 +473,26 @@ def quantize_state(inner: GradientTransformation, fmt: str = "int8", *,
         return new_updates, QuantizedState(s_def.unflatten(new_leaves), new_key)
 
     return GradientTransformation(init, update)
+
+
+def _quantize_leaf(value: Any, fmt: str, block: int, nonneg: bool) -> QuantizedArray:
+    """``quantize_array`` of a freshly initialized state leaf; on an Explicit mesh, in Auto
+    mode with the codes typed like the leaf (the last axis unsplit for packed ``int4``) and
+    the scales replicated (``init``'s ``out_shardings`` places them)."""
+    spec = _explicit_spec(value)
+    if spec is None:
+        return quantize_array(value, fmt, block_size=block or None, nonneg=nonneg)
+    from jax.sharding import PartitionSpec
+
+    entries = tuple(spec) + (None,) * (len(value.shape) - len(tuple(spec)))
+    if fmt == "int4":
+        entries = entries[:-1] + (None,)
+    abstract = jax.eval_shape(
+        lambda v: quantize_array(v, fmt, block_size=block or None, nonneg=nonneg), value)
+    out = dataclasses.replace(abstract, codes=PartitionSpec(*entries), scales=PartitionSpec())
+    return _run_in_auto_mode(
+        lambda v: quantize_array(v, fmt, block_size=block or None, nonneg=nonneg), (value,),
+        out)
 
 
 def _chunked_leaves(cfg: _Config, s_leaves: list[Any], owners: list[int | None] | None,
