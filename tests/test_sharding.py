@@ -593,20 +593,19 @@ def test_quantized_blocks_never_straddle_a_shard(fmt):
         assert split == {"rows", "flat", "grouped", "deep"}, split
 
 
-def test_int8_shard_map_and_pmap_paths_equal_unsharded():
-    """Fed the recorded gradients as per-device gradients that sum exactly (all of it on
-    device 0, zeros elsewhere), the shard_map (stage 1) and pmap (stage 3) updates equal the
-    unsharded int8 steps."""
-    tx = int8_adamw()
-    grads, want, want_state = recorded_gradients(tx)
+def concentrated_on_device_0(g):
+    """``(N, ...)`` per-device gradients: ``N * g`` on device 0, zeros elsewhere, so their
+    mean over the devices is ``g`` exactly."""
+    return jax.tree.map(lambda x: np.concatenate(
+        [x[None] * N, np.zeros((N - 1,) + x.shape, x.dtype)]), g)
 
-    def per_device(g):  # (N, ...): N * g on device 0, zeros elsewhere; sum / N == g exactly
-        return jax.tree.map(lambda x: np.concatenate(
-            [x[None] * N, np.zeros((N - 1,) + x.shape, x.dtype)]), g)
 
+def run_shard_map_stage1(tx, params, grads):
+    """Stage-1 ``shard_map`` steps on the 1-D mesh, each fed ``concentrated_on_device_0(g)``;
+    returns the final parameters and state."""
     mesh = mesh_1d()
-    su = sharding.shard_map_update(tx, PARAMS, mesh, stage=1)
-    g_specs = jax.tree.map(lambda _: P("data"), PARAMS)
+    su = sharding.shard_map_update(tx, params, mesh, stage=1)
+    g_specs = jax.tree.map(lambda _: P("data"), params)
 
     @jax.jit
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=(g_specs, su.state_specs,
@@ -616,10 +615,21 @@ def test_int8_shard_map_and_pmap_paths_equal_unsharded():
         return su.update(jax.tree.map(lambda x: x[0], g), s, p)
 
     with jax.set_mesh(mesh):
-        p = jax.device_put(PARAMS, su.param_shardings)
+        p = jax.device_put(params, su.param_shardings)
         s = jax.jit(tx.init, out_shardings=su.state_shardings)(p)
         for g in grads:
-            p, s = sm_step(per_device(g), s, p)
+            p, s = sm_step(concentrated_on_device_0(g), s, p)
+    return p, s
+
+
+def test_int8_shard_map_and_pmap_paths_equal_unsharded():
+    """Fed the recorded gradients as per-device gradients that sum exactly (all of it on
+    device 0, zeros elsewhere), the shard_map (stage 1) and pmap (stage 3) updates equal the
+    unsharded int8 steps."""
+    tx = int8_adamw()
+    grads, want, want_state = recorded_gradients(tx)
+
+    p, s = run_shard_map_stage1(tx, PARAMS, grads)
     assert_trees_close(p, want)
     assert_trees_close(s, want_state)
 
@@ -627,7 +637,7 @@ def test_int8_shard_map_and_pmap_paths_equal_unsharded():
     pm_step = jax.pmap(lambda g, s, p: pu.update(g, s, p), axis_name="data")
     p, s = pu.split_params(PARAMS), pu.split_state(tx.init(PARAMS))
     for g in grads:
-        p, s = pm_step(per_device(g), s, p)
+        p, s = pm_step(concentrated_on_device_0(g), s, p)
     assert_trees_close(pu.merge_params(p), want)
     assert_trees_close(pu.merge_state(s), want_state)
 
@@ -688,25 +698,6 @@ def test_int8_shard_map_with_chunked_leaves_equals_unsharded():
     for g in grads:
         want, want_state = apply(g, want_state, want)
 
-    mesh = mesh_1d()
-    su = sharding.shard_map_update(tx, params, mesh, stage=1)
-    g_specs = jax.tree.map(lambda _: P("data"), params)
-
-    def per_device(g):  # N * g on device 0, zeros elsewhere: the mean over devices is g
-        return jax.tree.map(lambda x: np.concatenate(
-            [x[None] * N, np.zeros((N - 1,) + x.shape, x.dtype)]), g)
-
-    @jax.jit
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(g_specs, su.state_specs,
-                                                           su.param_specs),
-                       out_specs=(su.param_specs, su.state_specs))
-    def sm_step(g, s, p):
-        return su.update(jax.tree.map(lambda x: x[0], g), s, p)
-
-    with jax.set_mesh(mesh):
-        p = jax.device_put(params, su.param_shardings)
-        s = jax.jit(tx.init, out_shardings=su.state_shardings)(p)
-        for g in grads:
-            p, s = sm_step(per_device(g), s, p)
+    p, s = run_shard_map_stage1(tx, params, grads)
     assert_trees_close(p, jax.tree.map(np.asarray, want))
     assert_trees_close(s, want_state)
