@@ -49,7 +49,7 @@ def _donated_step(tx):
     return step
 
 
-def bench_memory(leaves: int = 8, side: int = 1024) -> None:
+def bench_memory(leaves: int = 8, side: int = 1024, chunk_elements: int | None = None) -> None:
     params = {f"w{i}": jax.ShapeDtypeStruct((side, side), jnp.float32) for i in range(leaves)}
     n = leaves * side * side
 
@@ -65,20 +65,43 @@ def bench_memory(leaves: int = 8, side: int = 1024) -> None:
           f"({n / 1e6:.1f}M params); bytes/param: args + outputs - aliased + temporaries")
     print(f"  optax fp32 {base.peak / n:6.2f} B/param (temporaries {base.temporaries / n:.3f})")
     for fmt in FORMATS:
-        m = peak(optstate.quantize_state(optax.adamw(1e-3), fmt))
+        extra = {} if chunk_elements is None else {"chunk_elements": chunk_elements}
+        m = peak(optstate.quantize_state(optax.adamw(1e-3), fmt, **extra))
         print(f"  {fmt:9s}  {m.peak / n:6.2f} B/param (temporaries {m.temporaries / n:.3f})"
               f"  ratio {m.peak / base.peak:.3f}")
 
 
+def _copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 10) -> float:
+    """Bytes per second of the device's best simple stream: ``x -> 2 x`` on ``nbytes`` of
+    float32, donated (reads and writes ``nbytes`` each)."""
+    double = jax.jit(lambda x: x * 2, donate_argnums=0)
+    box = [jnp.ones((nbytes // 4,), jnp.float32)]
+
+    def run():
+        box[0] = double(box[0])
+        jax.block_until_ready(box[0])
+
+    timings = time_interleaved({"copy": run}, repeats=repeats, warmup=2)["copy"]
+    return 2 * nbytes / min(timings)
+
+
 def bench_time(leaves: int = 8, side: int = 2048, repeats: int = 15,
-               formats: tuple[str, ...] = ("int8",) + FORMATS[1:]) -> None:
+               formats: tuple[str, ...] = ("int8",) + FORMATS[1:],
+               chunk_elements: int | None = None) -> None:
+    """Median step times, the ratio to Optax, and the bandwidth each step achieves: the bytes
+    it must move at least (XLA's argument + output sizes: parameters, state and gradients
+    read, parameters and state written) over its median time, as a fraction of the device's
+    measured streaming bandwidth (``x -> 2 x``)."""
     keys = jax.random.split(jax.random.key(0), leaves)
     params = {f"w{i}": 0.1 * jax.random.normal(k, (side, side)) for i, k in enumerate(keys)}
     grads = jax.tree.map(lambda p: 0.01 * p, params)
+    traffic: dict[str, int] = {}
 
-    def runner(tx):
+    def runner(name, tx):
         step = jax.jit(_donated_step(tx), donate_argnums=(0, 1))
         box = [jax.tree.map(jnp.copy, params), tx.init(params)]
+        mem = compiled_memory(step, box[0], box[1], grads)
+        traffic[name] = mem.arguments + mem.outputs
 
         def run():
             box[0], box[1] = step(box[0], box[1], grads)
@@ -86,18 +109,27 @@ def bench_time(leaves: int = 8, side: int = 2048, repeats: int = 15,
 
         return run
 
-    steps = {"optax": runner(optax.adamw(1e-3))}
+    extra = {} if chunk_elements is None else {"chunk_elements": chunk_elements}
+    steps = {"optax": runner("optax", optax.adamw(1e-3))}
     for fmt in formats:
-        steps[fmt] = runner(optstate.quantize_state(optax.adamw(1e-3), fmt))
+        steps[fmt] = runner(fmt, optstate.quantize_state(optax.adamw(1e-3), fmt, **extra))
     timings = time_interleaved(steps, repeats=repeats, warmup=2)
+    bandwidth = _copy_bandwidth()
     n = leaves * side * side
     base = statistics.median(timings["optax"])
     print(f"Step time, {leaves} leaves of {side}x{side} ({n / 1e6:.1f}M params), interleaved, "
-          f"median of {repeats}; device: {jax.devices()[0].device_kind}")
-    print(f"  optax fp32 {base * 1e3:7.1f} ms")
+          f"median of {repeats}; device: {jax.devices()[0].device_kind}; streaming bandwidth "
+          f"(x -> 2x) {bandwidth / 1e9:.0f} GB/s")
+
+    def line(name: str, t: float) -> str:
+        achieved = traffic[name] / t
+        return (f"{t * 1e3:7.2f} ms  {traffic[name] / n:5.2f} B/param moved  "
+                f"{achieved / 1e9:6.0f} GB/s = {achieved / bandwidth:4.0%} of streaming")
+
+    print(f"  optax fp32 {line('optax', base)}")
     for fmt in formats:
         t = statistics.median(timings[fmt])
-        print(f"  {fmt:9s}  {t * 1e3:7.1f} ms  ratio {median_ratio(timings, fmt, 'optax'):.2f}")
+        print(f"  {fmt:9s}  {line(fmt, t)}  ratio {median_ratio(timings, fmt, 'optax'):.2f}")
 
 
 def main() -> None:
@@ -105,13 +137,15 @@ def main() -> None:
     parser.add_argument("what", nargs="?", default="all", choices=["bytes", "memory", "time", "all"])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--side", type=int, default=2048, help="leaf side for the time benchmark")
+    parser.add_argument("--chunk-elements", type=int, default=None,
+                        help="quantize_state's chunk_elements (memory and time)")
     args = parser.parse_args()
     if args.what in ("bytes", "all"):
         bench_bytes()
     if args.what in ("memory", "all"):
-        bench_memory()
+        bench_memory(chunk_elements=args.chunk_elements)
     if args.what in ("time", "all"):
-        bench_time(side=args.side, repeats=args.repeats)
+        bench_time(side=args.side, repeats=args.repeats, chunk_elements=args.chunk_elements)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,12 @@ from optstate._partition import PartitionState, partition
 
 # --- quantized state ---------------------------------------------------------------------
 from optstate._qarray import QuantizedArray, dequantize, is_quantized
-from optstate._quantize_state import NONNEG_FIELDS, QuantizedState, quantize_state
+from optstate._quantize_state import (
+    NONNEG_FIELDS,
+    QuantizedState,
+    default_chunk_elements,
+    quantize_state,
+)
 
 # --- staleness and resets ----------------------------------------------------------------
 from optstate._reset import adaptive_reset, reset_every_n

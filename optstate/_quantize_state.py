@@ -61,6 +61,26 @@ NONNEG_FIELDS: frozenset[str] = frozenset(
 
 ROUNDINGS = ("nearest", "stochastic")
 
+#: Default ``chunk_elements`` per backend. On CPU a chunk's float32 values should stay in cache
+#: and XLA runs a loop body's kernels one after another: 128K values per chunk. On GPU and TPU
+#: each chunk costs kernel launches and a whole leaf streams at full bandwidth: 4M values, i.e.
+#: whole leaves up to 4M elements, so that the temporaries are bounded by 4M float32 values
+#: per state field (measured in ``bench/quantized.py``).
+DEFAULT_CHUNK_ELEMENTS: dict[str, int] = {"cpu": 1 << 17}
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 22
+
+
+def default_chunk_elements(backend: str | None = None) -> int:
+    """The ``chunk_elements`` that :func:`quantize_state` uses when given ``None``, for
+    ``backend`` (default: ``jax.default_backend()``)."""
+    backend = jax.default_backend() if backend is None else backend
+    return DEFAULT_CHUNK_ELEMENTS.get(backend, ACCELERATOR_CHUNK_ELEMENTS)
+
+
+#: Parameters with at least this many elements (or two chunks, if fewer) get their state
+#: updated by the bounded-memory loop; smaller ones are updated in one piece.
+MIN_LOOP_ELEMENTS = 1 << 16
+
 
 class QuantizedState(NamedTuple):
     """State of :func:`quantize_state`.
@@ -134,7 +154,7 @@ class _Config:
     keep: tuple[str, ...]
     seed: int
     nonneg_fields: frozenset[str]
-    chunk_elements: int
+    chunk_elements: int | None  # None: chosen per backend at trace time
 
 
 def _leaf_decision(cfg: _Config, path: str, field: str | None, leaf: Any) -> bool | None:
@@ -332,7 +352,7 @@ def quantize_state(inner: GradientTransformation, fmt: str = "int8", *,
                    block_size: int | None = None, min_size: int = 4096,
                    rounding: str = "nearest", keep: str | Sequence[str] = (), seed: int = 0,
                    nonneg_fields: Collection[str] | None = None,
-                   chunk_elements: int = 1 << 15) -> GradientTransformation:
+                   chunk_elements: int | None = None) -> GradientTransformation:
     r"""Stores the state of ``inner`` block-wise in 8-bit, 4-bit, FP8 or BF16.
 
     For every floating state leaf ``x`` with at least ``min_size`` elements, the wrapper keeps
@@ -387,8 +407,10 @@ def quantize_state(inner: GradientTransformation, fmt: str = "int8", *,
         inner state, e.g. ``"[0].mu['embed']"``) matches one (``re.search``) stay as they are.
       seed: seed of the stochastic-rounding key.
       nonneg_fields: override of :data:`NONNEG_FIELDS`.
-      chunk_elements: about how many values one chunk holds (bounds the step's temporaries;
-        parameters with fewer than twice as many elements are updated in one piece).
+      chunk_elements: about how many values one chunk holds (bounds the step's temporaries).
+        Default ``None``: 128K on CPU, 4M on GPU and TPU (:func:`default_chunk_elements`);
+        chunking never changes the results. Parameters with fewer than
+        ``min(2 * chunk_elements, 65536)`` elements are updated in one piece.
 
     Returns:
       A :class:`~optstate.GradientTransformation` whose state is :class:`QuantizedState`.
@@ -409,12 +431,13 @@ def quantize_state(inner: GradientTransformation, fmt: str = "int8", *,
     if not isinstance(min_size, (int, np.integer)) or min_size < 0:
         raise ValueError(f"quantize_state: min_size must be a non-negative integer; got "
                          f"{min_size!r}.")
-    if not isinstance(chunk_elements, (int, np.integer)) or chunk_elements < 1:
+    if chunk_elements is not None and (not isinstance(chunk_elements, (int, np.integer))
+                                       or chunk_elements < 1):
         raise ValueError(f"quantize_state: chunk_elements must be a positive integer; got "
                          f"{chunk_elements!r}.")
-    cfg = _Config(fmt, block, int(min_size), rounding, keep, int(seed),
+    config = cfg = _Config(fmt, block, int(min_size), rounding, keep, int(seed),
                   frozenset(NONNEG_FIELDS if nonneg_fields is None else nonneg_fields),
-                  max(int(chunk_elements), 2 * max(block, 1)))
+                  None if chunk_elements is None else max(int(chunk_elements), 2 * max(block, 1)))
     inner = with_extra_args_support(inner)
 
     def init(params):
@@ -448,6 +471,7 @@ def quantize_state(inner: GradientTransformation, fmt: str = "int8", *,
         return _update(updates, state, params, **extra_args)
 
     def _update(updates, state, params=None, **extra_args):
+        cfg = _with_chunk_elements(config)
         s_leaves, s_def = jax.tree.flatten(state.inner_state, is_leaf=is_quantized)
         if cfg.rounding == "stochastic":
             key = jax.random.wrap_key_data(state.key)
@@ -473,6 +497,13 @@ def quantize_state(inner: GradientTransformation, fmt: str = "int8", *,
         return new_updates, QuantizedState(s_def.unflatten(new_leaves), new_key)
 
     return GradientTransformation(init, update)
+
+
+def _with_chunk_elements(cfg: _Config) -> _Config:
+    if cfg.chunk_elements is not None:
+        return cfg
+    chunk = max(default_chunk_elements(), 2 * max(cfg.block, 1))
+    return dataclasses.replace(cfg, chunk_elements=chunk)
 
 
 def _quantize_leaf(value: Any, fmt: str, block: int, nonneg: bool) -> QuantizedArray:
@@ -510,7 +541,7 @@ def _chunked_leaves(cfg: _Config, s_leaves: list[Any], owners: list[int | None] 
         qs = [s_leaves[s] for s in ss if is_quantized(s_leaves[s])]
         if not qs:
             continue
-        if math.prod(u_leaves[k].shape) < 2 * cfg.chunk_elements:
+        if math.prod(u_leaves[k].shape) < min(2 * cfg.chunk_elements, MIN_LOOP_ELEMENTS):
             continue
         if len({(q.fmt, q.block_size) for q in qs}) != 1:
             continue

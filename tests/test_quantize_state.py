@@ -146,6 +146,43 @@ def test_one_step_equals_optax_on_the_dequantized_state(fmt, rounding, names):
     assert n_quantized == 2 * len(names.replace("f", ""))  # mu, nu of leaves >= 4096 values
 
 
+def test_default_chunk_size_follows_the_backend():
+    assert optstate.default_chunk_elements("cpu") == 1 << 17
+    assert optstate.default_chunk_elements("gpu") == 1 << 22
+    assert optstate.default_chunk_elements("tpu") == 1 << 22
+    with pytest.raises(ValueError, match="chunk_elements"):
+        quantize_state(optax.adam(1e-3), "int8", chunk_elements=0)
+
+
+@pytest.mark.parametrize("fmt,rounding", [("int8", "stochastic"), ("int4", "nearest")])
+def test_chunk_size_changes_results_only_by_float32_rounding(fmt, rounding):
+    """Three steps with the backend's default chunks, with whole-leaf chunks and with small
+    chunks: the same updates up to float32 rounding (XLA fuses each arrangement differently)
+    and the same stored codes, but for values that land within rounding of a code boundary."""
+    shapes = {"big": (600, 640), "a": (96, 700), "f": (64,)}  # 384000 values: 3 CPU chunks
+    params = _tree(0, shapes=shapes)
+
+    def run(chunk_elements):
+        tx = quantize_state(optax.adamw(1e-2, weight_decay=0.1), fmt, rounding=rounding,
+                            chunk_elements=chunk_elements, seed=5)
+        update = jax.jit(tx.update)
+        state, updates = tx.init(params), []
+        for step in range(3):
+            u, state = update(_tree(10 + step, shapes=shapes), state, params)
+            updates.append(u)
+        return updates, _q_leaves(state)
+
+    default_updates, default_state = run(None)
+    for chunk_elements in (1 << 22, 8192):
+        updates, state = run(chunk_elements)
+        for a, b in zip(jax.tree.leaves(default_updates), jax.tree.leaves(updates)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+        for a, b in zip(default_state, state):
+            codes_a, codes_b = np.asarray(a.codes), np.asarray(b.codes)
+            assert np.mean(codes_a != codes_b) < 1e-4
+            np.testing.assert_allclose(a.scales, b.scales, rtol=1e-5)
+
+
 def test_non_elementwise_inner_transforms_fall_back_to_whole_state():
     """Clipping by the global norm (and LAMB) mix elements: the step must still equal the
     inner update on the dequantized state."""
