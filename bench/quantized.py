@@ -9,9 +9,12 @@ Three measurements (issue 3's "Must show"), all against Optax's float32 AdamW:
   leaves of 1024 x 1024 (compiled only, nothing runs). Limits: int8 <= 0.75x Optax (target
   0.65x), int4 <= 0.70x (target 0.60x).
 * ``time``: median step time on 8 leaves of 2048 x 2048 (32M parameters), interleaved
-  round-robin with Optax's fp32 AdamW in one process. Limit: int8 <= 1.5x.
+  round-robin with Optax's fp32 AdamW in one process, and the bandwidth each step achieves
+  (the bytes it must move over its time) against the device's measured streaming bandwidth.
+  Limit: int8 <= 1.5x.
 
     python bench/quantized.py [bytes|memory|time|all] [--repeats 15] [--side 2048]
+                              [--chunk-elements N]
 """
 
 from __future__ import annotations
