@@ -408,8 +408,9 @@ def quantize_state(inner: GradientTransformation, fmt: str = "int8", *,
       seed: seed of the stochastic-rounding key.
       nonneg_fields: override of :data:`NONNEG_FIELDS`.
       chunk_elements: about how many values one chunk holds (bounds the step's temporaries).
-        Default ``None``: 128K on CPU, 4M on GPU and TPU (:func:`default_chunk_elements`);
-        chunking never changes the results. Parameters with fewer than
+        Default ``None``: 128K on CPU, 4M on GPU and TPU (:func:`default_chunk_elements`).
+        The chunk size changes results only by float32 rounding (XLA fuses each arrangement
+        differently); a given size and backend are bit-reproducible. Parameters with fewer than
         ``min(2 * chunk_elements, 65536)`` elements are updated in one piece.
 
     Returns:
@@ -435,9 +436,9 @@ def quantize_state(inner: GradientTransformation, fmt: str = "int8", *,
                                        or chunk_elements < 1):
         raise ValueError(f"quantize_state: chunk_elements must be a positive integer; got "
                          f"{chunk_elements!r}.")
-    config = cfg = _Config(fmt, block, int(min_size), rounding, keep, int(seed),
-                  frozenset(NONNEG_FIELDS if nonneg_fields is None else nonneg_fields),
-                  None if chunk_elements is None else max(int(chunk_elements), 2 * max(block, 1)))
+    chunk = None if chunk_elements is None else max(int(chunk_elements), 2 * max(block, 1))
+    config = _Config(fmt, block, int(min_size), rounding, keep, int(seed),
+                     frozenset(NONNEG_FIELDS if nonneg_fields is None else nonneg_fields), chunk)
     inner = with_extra_args_support(inner)
 
     def init(params):
@@ -447,14 +448,14 @@ def quantize_state(inner: GradientTransformation, fmt: str = "int8", *,
         leaves = []
         for (path, leaf), field in zip(flat, fields):
             value = _unbox(leaf)
-            nonneg = _leaf_decision(cfg, jax.tree_util.keystr(path), field, value)
+            nonneg = _leaf_decision(config, jax.tree_util.keystr(path), field, value)
             if nonneg is None:
                 leaves.append(leaf)
             else:
                 # A boxed leaf (a Flax ``Variable``, as ``nnx.Optimizer`` passes parameters) is
                 # replaced by the quantized array, which Flax then handles as a pytree node.
                 leaves.append(_quantize_leaf(value, fmt, block, nonneg))
-        key = jax.random.key_data(jax.random.key(cfg.seed))
+        key = jax.random.key_data(jax.random.key(config.seed))
         return QuantizedState(jax.tree_util.tree_unflatten(treedef, leaves), key)
 
     def update(updates, state, params=None, **extra_args):
@@ -500,6 +501,7 @@ def quantize_state(inner: GradientTransformation, fmt: str = "int8", *,
 
 
 def _with_chunk_elements(cfg: _Config) -> _Config:
+    """``cfg`` with ``chunk_elements`` resolved for the backend being traced for."""
     if cfg.chunk_elements is not None:
         return cfg
     chunk = max(default_chunk_elements(), 2 * max(cfg.block, 1))
