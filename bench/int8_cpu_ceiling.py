@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from optstate._codebooks import codebook
-from optstate._measure import time_interleaved
+from optstate.quantization.codebooks import codebook
+from optstate.tasks.timing import time_interleaved
 
 BLOCK = 256
 B1, B2, EPS, LR, WD = 0.9, 0.999, 1e-8, 1e-3, 1e-4

@@ -3,7 +3,7 @@
 Three measurements (issue 3's "Must show"), all against Optax's float32 AdamW:
 
 * ``bytes``: Adam state bytes per parameter (scales included) on one 1024 x 1024 leaf, per
-  format, from ``optstate.inspect.state_bytes`` (checked against the arrays' ``nbytes``).
+  format, from ``optstate.memory.state_bytes`` (checked against the arrays' ``nbytes``).
 * ``memory``: XLA's memory analysis (arguments + outputs - aliased + temporaries) of the
   jitted, fully donated step ``(params, state, grads) -> (params + updates, state)`` on 8
   leaves of 1024 x 1024 (compiled only, nothing runs). Limits: int8 <= 0.75x Optax (target
@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import optax
 
 import optstate
-from optstate._measure import compiled_memory, median_ratio, time_interleaved
-from optstate.inspect import state_bytes
+from optstate.memory import compiled_memory
+from optstate.tasks.timing import median_ratio, time_interleaved
+from optstate.memory import state_bytes
 
 FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2", "bf16")
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 import optstate
-from optstate._measure import median_ratio, time_interleaved
+from optstate.tasks.timing import median_ratio, time_interleaved
 
 
 def make_tree(leaves: int, side: int, seed: int = 0) -> dict[str, jax.Array]:

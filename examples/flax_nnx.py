@@ -53,7 +53,7 @@ def train_step(model: TransformerLM, optimizer: nnx.Optimizer, windows: jax.Arra
 def state_report(optimizer: nnx.Optimizer, model: TransformerLM) -> None:
     """Prints the optimizer state's bytes per storage format, and what fp32 AdamW would take."""
     params = nnx.as_pure(nnx.state(model, nnx.Param))
-    description = optstate.inspect.describe(optimizer.opt_state, params)
+    description = optstate.memory.describe(optimizer.opt_state, params)
     by_format: dict[str, list[int]] = {}
     for row in description.rows:
         by_format.setdefault(row.format, []).append(row.bytes)

@@ -75,7 +75,7 @@ def main() -> None:
     corpus = load_corpus()
     state = create_state(args.format, args.steps)
     count = sum(p.size for p in jax.tree.leaves(state.params))
-    state_bytes = optstate.inspect.state_bytes(state.opt_state)
+    state_bytes = optstate.memory.state_bytes(state.opt_state)
     print(f"{count:,} parameters; AdamW state in {args.format}: {state_bytes:,} bytes "
           f"= {state_bytes / count:.2f} bytes/param (fp32 AdamW: 8.00)")
     recent = []

@@ -39,7 +39,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec  # noqa: E402
 
 import optstate  # noqa: E402
 from optstate import sharding  # noqa: E402
-from optstate._measure import compiled_memory  # noqa: E402
+from optstate.memory import compiled_memory  # noqa: E402
 from optstate.tasks import ModelConfig, init_model, load_corpus, make_loss_fn  # noqa: E402
 
 MODEL = ModelConfig(seq_len=64, d_model=128, num_heads=4, num_layers=2)

@@ -13,7 +13,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 # --- protocol (lead) ---------------------------------------------------------------------
-from optstate._base import (
+from optstate._core.base import (
     EmptyState,
     GradientTransformation,
     apply_updates,
@@ -25,9 +25,9 @@ from optstate._base import (
 )
 
 # --- building blocks and aliases (foundation) --------------------------------------------
-from optstate._adadelta import ScaleByAdaDeltaState, scale_by_adadelta
-from optstate._adam import ScaleByAdamState, scale_by_adam
-from optstate._aliases import (
+from optstate.transforms.adadelta import ScaleByAdaDeltaState, scale_by_adadelta
+from optstate.transforms.adam import ScaleByAdamState, scale_by_adam
+from optstate.aliases import (
     adadelta,
     adafactor,
     adagrad,
@@ -39,12 +39,12 @@ from optstate._aliases import (
     rmsprop,
     sgd,
 )
-from optstate._clipping import clip, clip_by_block_rms, clip_by_global_norm
-from optstate._factored import FactoredState, scale_by_factored_rms, scale_by_param_block_rms
-from optstate._lion import ScaleByLionState, scale_by_lion
-from optstate._momentum import EmaState, TraceState, ema, trace
-from optstate._numerics import safe_increment
-from optstate._rms import (
+from optstate.transforms.clipping import clip, clip_by_block_rms, clip_by_global_norm
+from optstate.transforms.factored import FactoredState, scale_by_factored_rms, scale_by_param_block_rms
+from optstate.transforms.lion import ScaleByLionState, scale_by_lion
+from optstate.transforms.momentum import EmaState, TraceState, ema, trace
+from optstate._core.numerics import safe_increment
+from optstate.transforms.rms import (
     ScaleByRmsState,
     ScaleByRmsWithCountState,
     ScaleByRssState,
@@ -54,19 +54,19 @@ from optstate._rms import (
     scale_by_rss,
     scale_by_stddev,
 )
-from optstate._scale import ScaleByScheduleState, scale, scale_by_learning_rate, scale_by_schedule
-from optstate._trust_ratio import scale_by_trust_ratio
-from optstate._weight_decay import WeightDecaySchedule, add_decayed_weights
+from optstate.transforms.scale import ScaleByScheduleState, scale, scale_by_learning_rate, scale_by_schedule
+from optstate.transforms.trust_ratio import scale_by_trust_ratio
+from optstate.transforms.weight_decay import WeightDecaySchedule, add_decayed_weights
 
 # --- wrappers (foundation) ---------------------------------------------------------------
-from optstate._finite import ApplyIfFiniteState, apply_if_finite
-from optstate._inject import InjectHyperparamsState, inject_hyperparams
-from optstate._masking import MaskedNode, MaskedState, masked
-from optstate._partition import PartitionState, partition
+from optstate.wrappers.finite import ApplyIfFiniteState, apply_if_finite
+from optstate.wrappers.inject import InjectHyperparamsState, inject_hyperparams
+from optstate.wrappers.masking import MaskedNode, MaskedState, masked
+from optstate.wrappers.partition import PartitionState, partition
 
 # --- quantized state ---------------------------------------------------------------------
-from optstate._qarray import QuantizedArray, dequantize, is_quantized
-from optstate._quantize_state import (
+from optstate.quantization.array import QuantizedArray, dequantize, is_quantized
+from optstate.quantization.wrapper import (
     NONNEG_FIELDS,
     QuantizedState,
     default_chunk_elements,
@@ -74,7 +74,7 @@ from optstate._quantize_state import (
 )
 
 # --- staleness and resets ----------------------------------------------------------------
-from optstate._reset import adaptive_reset, reset_every_n
+from optstate.staleness.resets import adaptive_reset, reset_every_n
 
 _LAZY_SUBMODULES = ("schedules", "inspect", "staleness", "sharding", "checkpoint", "tasks")
 

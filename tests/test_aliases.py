@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
 import types
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +12,7 @@ import pytest
 
 import optstate
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _optax_parity as parity  # noqa: E402
+from tests import helpers as parity
 
 # The seeds this file's tests have always used (test_transforms.py uses 2 and 3).
 PARAMS_SEED, NOISE_SEED = 0, 1

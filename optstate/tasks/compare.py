@@ -2,10 +2,10 @@
 
 For each configuration it measures
 
-* the optimizer state's bytes per parameter (``optstate.inspect.state_bytes`` of the state);
+* the optimizer state's bytes per parameter (``optstate.memory.state_bytes`` of the state);
 * the peak memory of the whole jitted, donated train step (forward, backward and optimizer
   update) and of the optimizer update alone, both from XLA's compiled memory analysis
-  (``optstate._measure.compiled_memory``; nothing is executed to measure them);
+  (``optstate.memory.compiled_memory``; nothing is executed to measure them);
 * the step time, interleaved with the other configurations after training so that machine
   noise hits them alike, as a ratio to the fp32 reference;
 * the final loss on fixed training windows and on the held-out modules.
@@ -27,7 +27,8 @@ import jax
 import numpy as np
 
 import optstate
-from optstate._measure import compiled_memory, time_interleaved
+from optstate.memory import compiled_memory
+from optstate.tasks.timing import time_interleaved
 from optstate.tasks.configs import (
     REFERENCE,
     Hyperparameters,
@@ -79,7 +80,7 @@ class ConfigOutcome:
 
 
 def measure_state_bytes(opt_state: Any) -> int:
-    """Bytes the optimizer state occupies, as reported by ``optstate.inspect.state_bytes``."""
+    """Bytes the optimizer state occupies, as reported by ``optstate.memory.state_bytes``."""
     from optstate import inspect as state_inspect
 
     return int(state_inspect.state_bytes(opt_state))
@@ -226,7 +227,7 @@ def compare(
         "task": task_record(corpus, train_config, reference.num_params),
         "optimizer": {"name": "adamw", "schedule": "warmup_cosine_decay", **asdict(hyper)},
         "measurement": {
-            "state_bytes": "optstate.inspect.state_bytes of the optimizer state after init",
+            "state_bytes": "optstate.memory.state_bytes of the optimizer state after init",
             "peak_step_memory": "XLA compiled memory analysis of the jitted train step "
             "(forward + backward + update, params and state donated): "
             "arguments + outputs - aliased + temporaries",

@@ -107,7 +107,7 @@ class StateConfig:
             "optstate:add_decayed_weights",
             "optstate:scale_by_learning_rate",
             "optstate.schedules:warmup_cosine_decay",
-            "optstate.inspect:state_bytes",
+            "optstate.memory:state_bytes",
         ]
         if self.fmt != "fp32":
             needed.append("optstate:quantize_state")

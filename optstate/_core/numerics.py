@@ -1,0 +1,170 @@
+"""Small numeric and tree helpers shared by the building blocks.
+
+Everything here is pure ``jax.numpy``; nothing allocates state or holds arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optstate._core.tree_checks import check_same_tree
+
+PyTree = Any
+
+
+def is_none(x: Any) -> bool:
+    """``True`` for ``None`` (used as ``is_leaf`` so that ``None`` updates pass through)."""
+    return x is None
+
+
+def canonical_dtype(dtype: Any) -> Any:
+    """``jax.dtypes.canonicalize_dtype(dtype)``, or ``None`` for ``None``."""
+    return None if dtype is None else jax.dtypes.canonicalize_dtype(dtype)
+
+
+def zero_count() -> jax.Array:
+    """A fresh step counter: a scalar ``int32`` zero."""
+    return jnp.zeros((), jnp.int32)
+
+
+def safe_increment(count: jax.Array) -> jax.Array:
+    r"""Returns ``count + 1``, saturating at the largest value of its dtype.
+
+    .. math:: c \leftarrow \min(c + 1, c_{\max})
+
+    An ``int32`` step counter therefore never wraps round to a negative number (which would
+    turn a bias correction :math:`1 - \beta^t` into garbage after :math:`2^{31}` steps).
+
+    Args:
+      count: an integer (usually ``int32``) or floating scalar counter.
+
+    Returns:
+      The incremented counter, same dtype.
+    """
+    count = jnp.asarray(count)
+    dtype = count.dtype
+    if jnp.issubdtype(dtype, jnp.integer):
+        top = jnp.iinfo(dtype).max
+    elif jnp.issubdtype(dtype, jnp.floating):
+        top = jnp.finfo(dtype).max
+    else:
+        raise TypeError(
+            f"safe_increment: expected an integer or floating counter, got dtype {dtype}."
+        )
+    top = jnp.asarray(top, dtype)
+    return jnp.where(count < top, count + jnp.asarray(1, dtype), top)
+
+
+def zeros_like(tree: PyTree, dtype: Any = None) -> PyTree:
+    """A tree of zeros shaped like ``tree``, in ``dtype`` (default: each leaf's own dtype)."""
+    return jax.tree.map(lambda x: jnp.zeros_like(x, dtype=dtype), tree)
+
+
+def full_like(tree: PyTree, value: Any, dtype: Any = None) -> PyTree:
+    """A tree filled with ``value``, shaped like ``tree``, in ``dtype`` (default: each leaf's)."""
+    return jax.tree.map(lambda x: jnp.full_like(x, value, dtype=dtype), tree)
+
+
+def cast_tree(tree: PyTree, dtype: Any) -> PyTree:
+    """Casts every leaf of ``tree`` to ``dtype``; ``dtype=None`` leaves the tree unchanged."""
+    if dtype is None:
+        return tree
+    return jax.tree.map(lambda x: None if x is None else x.astype(dtype), tree, is_leaf=is_none)
+
+
+def cast_like(tree: PyTree, reference: PyTree) -> PyTree:
+    """Casts every leaf of ``tree`` to the dtype of the matching leaf of ``reference``."""
+    return jax.tree.map(
+        lambda x, r: None if x is None else x.astype(jnp.asarray(r).dtype),
+        tree, reference, is_leaf=is_none,
+    )
+
+
+def ema(updates: PyTree, moments: PyTree, decay: Any, order: int) -> PyTree:
+    r"""The exponential moving average of the ``order``-th power of ``updates``.
+
+    .. math:: m \leftarrow (1 - \beta)\, g^{k} + \beta\, m
+
+    A ``None`` update (a frozen leaf) leaves its moment unchanged, so the state keeps its
+    structure.
+    """
+
+    def one(g, m):
+        if g is None:
+            return m
+        power = g if order == 1 else g**order
+        return (1 - decay) * power + decay * m
+
+    return jax.tree.map(one, updates, moments, is_leaf=is_none)
+
+
+def bias_correction(moment: PyTree, decay: Any, count: jax.Array) -> PyTree:
+    r"""Divides an EMA that started at zero by its total weight, :math:`1 - \beta^{t}`.
+
+    .. math:: \hat m = m / (1 - \beta^{t})
+
+    Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015, section 3.
+    """
+    correction = 1 - decay**count
+
+    def one(m):
+        if m is None:
+            return None
+        return m / jnp.asarray(correction).astype(m.dtype)
+
+    return jax.tree.map(one, moment, is_leaf=is_none)
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+    r"""The Euclidean norm of all leaves together, :math:`\sqrt{\sum_i \|x_i\|_2^2}`."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    total = sum(jnp.sum(jnp.square(jnp.abs(x))) for x in leaves)
+    return jnp.sqrt(total)
+
+
+def safe_norm(x: jax.Array, min_norm: Any) -> jax.Array:
+    r"""``max(||x||_2, min_norm)`` whose gradient is finite at ``x = 0``.
+
+    The norm is computed on ``x`` replaced by ones wherever the true norm is below the floor,
+    so that the untaken branch never differentiates ``sqrt`` at zero.
+    """
+    norm = jnp.linalg.norm(x)
+    below = norm <= min_norm
+    masked = jnp.where(below, jnp.ones_like(x), x)
+    return jnp.where(below, min_norm, jnp.linalg.norm(masked))
+
+
+def safe_rms(x: jax.Array, min_rms: Any) -> jax.Array:
+    r"""``max(sqrt(mean(x^2)), min_rms)`` whose gradient is finite at ``x = 0``."""
+    rms = jnp.sqrt(jnp.mean(jnp.square(x)))
+    below = rms <= min_rms
+    masked = jnp.where(below, jnp.ones_like(x), x)
+    return jnp.where(below, min_rms, jnp.sqrt(jnp.mean(jnp.square(masked))))
+
+
+def check_params_given(params: Any, context: str) -> None:
+    """Raises ``ValueError`` when a transform that needs ``params`` was called without them."""
+    if params is None:
+        raise ValueError(
+            f"{context}: this transform needs the current parameters; call "
+            f"update(updates, state, params) with params (a tree like the updates), got None."
+        )
+
+
+def check_same_structure(tree: PyTree, reference: PyTree, *, name: str, reference_name: str,
+                         context: str) -> None:
+    """Like ``check_same_tree`` but compares only the tree structure, not the leaf shapes.
+
+    Used where a state tree has the structure of the parameters but other leaf shapes
+    (e.g. Adafactor's factored accumulators).
+    """
+    def erase(t):
+        return jax.tree.map(lambda x: None if x is None else 0.0, t, is_leaf=is_none)
+
+    check_same_tree(erase(tree), erase(reference), name=name, reference_name=reference_name,
+                    context=context)

@@ -1,0 +1,60 @@
+"""Adadelta's rescaling: a ratio of running RMS of updates to running RMS of gradients."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from optstate._core.base import GradientTransformation
+from optstate._core.numerics import cast_like, ema, is_none, zeros_like
+from optstate._core.tree_checks import check_updates
+
+PyTree = Any
+
+
+class ScaleByAdaDeltaState(NamedTuple):
+    """Adadelta's moving averages of squared gradients ``e_g`` and squared updates ``e_x``."""
+
+    e_g: PyTree
+    e_x: PyTree
+
+
+def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransformation:
+    r"""Adadelta: scales each gradient by RMS(past updates) / RMS(gradients).
+
+    .. math::
+        E[g^2]_t &= \rho\, E[g^2]_{t-1} + (1 - \rho)\, g_t^2, \\
+        u_t &= \frac{\sqrt{E[\Delta x^2]_{t-1} + \epsilon}}{\sqrt{E[g^2]_t + \epsilon}}\, g_t, \\
+        E[\Delta x^2]_t &= \rho\, E[\Delta x^2]_{t-1} + (1 - \rho)\, u_t^2.
+
+    Args:
+      rho: :math:`\rho`, the decay of both averages.
+      eps: :math:`\epsilon`, inside both square roots.
+
+    Returns:
+      A :class:`~optstate.GradientTransformation` with state :class:`ScaleByAdaDeltaState`.
+
+    Reference: Zeiler, "ADADELTA: An Adaptive Learning Rate Method", arXiv:1212.5701, 2012,
+    Algorithm 1.
+    """
+
+    def init(params):
+        return ScaleByAdaDeltaState(e_g=zeros_like(params), e_x=zeros_like(params))
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        check_updates(updates, state.e_g, reference_name="state.e_g",
+                      context="scale_by_adadelta")
+        e_g = ema(updates, state.e_g, rho, 2)
+        updates = jax.tree.map(
+            lambda g, eg, ex: None if g is None
+            else (jnp.sqrt(ex + eps) / jnp.sqrt(eg + eps)) * g,
+            updates, e_g, state.e_x, is_leaf=is_none,
+        )
+        e_x = ema(updates, state.e_x, rho, 2)
+        return updates, ScaleByAdaDeltaState(e_g=cast_like(e_g, state.e_g),
+                                             e_x=cast_like(e_x, state.e_x))
+
+    return GradientTransformation(init, update)

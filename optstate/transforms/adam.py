@@ -1,0 +1,111 @@
+"""Adam's rescaling: bias-corrected first and second moments (with Nesterov's variant)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from optstate._core.base import GradientTransformation
+from optstate._core.numerics import (
+    bias_correction,
+    canonical_dtype,
+    cast_like,
+    ema,
+    is_none,
+    safe_increment,
+    zero_count,
+    zeros_like,
+)
+from optstate._core.tree_checks import check_updates
+
+PyTree = Any
+
+
+class ScaleByAdamState(NamedTuple):
+    """Adam's state: step ``count`` (``int32``), first moment ``mu``, second moment ``nu``."""
+
+    count: jax.Array
+    mu: PyTree
+    nu: PyTree
+
+
+def scale_by_adam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    *,
+    nesterov: bool = False,
+) -> GradientTransformation:
+    r"""Rescales updates by Adam's bias-corrected moment estimates.
+
+    .. math::
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t, \qquad
+        v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2, \\
+        \hat m_t &= m_t / (1 - \beta_1^t), \qquad \hat v_t = v_t / (1 - \beta_2^t), \\
+        u_t &= \hat m_t / \left(\sqrt{\hat v_t + \epsilon_{\text{root}}} + \epsilon\right).
+
+    With ``nesterov=True`` (NAdam, Dozat 2016) the numerator is
+    :math:`\beta_1 m_t / (1 - \beta_1^{t+1}) + (1 - \beta_1)\, g_t / (1 - \beta_1^{t})`.
+
+    The moments are updated in the promoted dtype of the gradient and the stored moment and
+    then stored back in ``mu_dtype`` / ``nu_dtype``.
+
+    Args:
+      b1: decay :math:`\beta_1` of the first moment.
+      b2: decay :math:`\beta_2` of the second moment.
+      eps: :math:`\epsilon`, added to the denominator outside the square root.
+      eps_root: :math:`\epsilon_{\text{root}}`, added inside the square root (useful when
+        differentiating through the update).
+      mu_dtype: storage dtype of ``mu`` (e.g. ``jnp.bfloat16``); ``None``: the params' dtype.
+      nu_dtype: storage dtype of ``nu``; ``None``: the params' dtype.
+      nesterov: use Nesterov momentum (NAdam).
+
+    Returns:
+      A :class:`~optstate.GradientTransformation` with state :class:`ScaleByAdamState`.
+
+    References:
+      Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
+      Dozat, "Incorporating Nesterov Momentum into Adam", ICLR workshop 2016.
+    """
+    mu_dtype = canonical_dtype(mu_dtype)
+    nu_dtype = canonical_dtype(nu_dtype)
+
+    def init(params):
+        return ScaleByAdamState(
+            count=zero_count(),
+            mu=zeros_like(params, dtype=mu_dtype),
+            nu=zeros_like(params, dtype=nu_dtype),
+        )
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        check_updates(updates, state.mu, reference_name="state.mu", context="scale_by_adam")
+        mu = ema(updates, state.mu, b1, 1)
+        nu = ema(updates, state.nu, b2, 2)
+        count = safe_increment(state.count)
+        if nesterov:
+            mu_next = bias_correction(mu, b1, safe_increment(count))
+            g_hat = bias_correction(updates, b1, count)
+            mu_hat = jax.tree.map(
+                lambda g, m: None if g is None else b1 * m + (1 - b1) * g,
+                g_hat, mu_next, is_leaf=is_none,
+            )
+        else:
+            mu_hat = bias_correction(mu, b1, count)
+        nu_hat = bias_correction(nu, b2, count)
+        updates = jax.tree.map(
+            lambda g, m, v: None if g is None else m / (jnp.sqrt(v + eps_root) + eps),
+            updates, mu_hat, nu_hat, is_leaf=is_none,
+        )
+        # Stored back in the dtypes chosen at init (mu_dtype / nu_dtype or the params').
+        mu = cast_like(mu, state.mu)
+        nu = cast_like(nu, state.nu)
+        return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return GradientTransformation(init, update)
+

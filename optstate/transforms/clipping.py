@@ -1,0 +1,100 @@
+"""Clipping of updates: element-wise, by global norm, and by per-leaf RMS."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from optstate._core.base import EmptyState, GradientTransformation
+from optstate._core.numerics import global_norm, is_none
+
+
+def _empty_init(params):
+    del params
+    return EmptyState()
+
+
+def clip(max_delta: float) -> GradientTransformation:
+    r"""Clips every element of the updates to :math:`[-\delta, \delta]`.
+
+    .. math:: u \leftarrow \min(\max(u, -\delta), \delta)
+
+    Args:
+      max_delta: :math:`\delta`, the largest absolute value allowed.
+
+    Returns:
+      A stateless :class:`~optstate.GradientTransformation`.
+
+    Reference: Mikolov, "Statistical Language Models Based on Neural Networks", PhD thesis,
+    Brno University of Technology, 2012 (element-wise gradient clipping).
+    """
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        updates = jax.tree.map(
+            lambda g: None if g is None else jnp.clip(g, -max_delta, max_delta),
+            updates, is_leaf=is_none,
+        )
+        return updates, state
+
+    return GradientTransformation(_empty_init, update)
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    r"""Rescales the updates so that their global norm is at most ``max_norm``.
+
+    .. math::
+        u \leftarrow \begin{cases} u & \|u\|_2 < c \\ c\, u / \|u\|_2 & \text{otherwise}
+        \end{cases}, \qquad \|u\|_2 = \sqrt{\textstyle\sum_{\text{leaves}} \sum u_i^2}
+
+    Args:
+      max_norm: :math:`c`.
+
+    Returns:
+      A stateless :class:`~optstate.GradientTransformation`.
+
+    Reference: Pascanu, Mikolov & Bengio, "On the difficulty of training Recurrent Neural
+    Networks", ICML 2013.
+    """
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        norm = global_norm(updates)
+        keep = norm < max_norm
+
+        def one(g):
+            if g is None:
+                return None
+            return jax.lax.select(keep, g, (g / norm.astype(g.dtype)) * max_norm)
+
+        return jax.tree.map(one, updates, is_leaf=is_none), state
+
+    return GradientTransformation(_empty_init, update)
+
+
+def clip_by_block_rms(threshold: float) -> GradientTransformation:
+    r"""Rescales each leaf so that its root mean square is at most ``threshold``.
+
+    .. math:: u \leftarrow u / \max\!\big(1,\ \operatorname{RMS}(u) / d\big)
+
+    Args:
+      threshold: :math:`d`, the largest RMS allowed per leaf.
+
+    Returns:
+      A stateless :class:`~optstate.GradientTransformation`.
+
+    Reference: Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory
+    Cost", ICML 2018, section 6 (update clipping).
+    """
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+
+        def one(g):
+            if g is None:
+                return None
+            return g / jnp.maximum(1.0, jnp.sqrt(jnp.mean(jnp.square(g))) / threshold)
+
+        return jax.tree.map(one, updates, is_leaf=is_none), state
+
+    return GradientTransformation(_empty_init, update)

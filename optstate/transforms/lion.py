@@ -1,0 +1,67 @@
+"""Lion's rescaling: the sign of an interpolation between momentum and gradient."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from optstate._core.base import GradientTransformation
+from optstate._core.numerics import (
+    canonical_dtype,
+    cast_like,
+    ema,
+    is_none,
+    safe_increment,
+    zero_count,
+    zeros_like,
+)
+from optstate._core.tree_checks import check_updates
+
+PyTree = Any
+
+
+class ScaleByLionState(NamedTuple):
+    """Lion's state: step ``count`` (``int32``) and momentum ``mu``."""
+
+    count: jax.Array
+    mu: PyTree
+
+
+def scale_by_lion(
+    b1: float = 0.9, b2: float = 0.99, mu_dtype: Any = None
+) -> GradientTransformation:
+    r"""Lion (EvoLved Sign Momentum): the sign of an interpolated momentum.
+
+    .. math::
+        u_t = \operatorname{sign}\big(\beta_1 m_{t-1} + (1 - \beta_1)\, g_t\big), \qquad
+        m_t = \beta_2 m_{t-1} + (1 - \beta_2)\, g_t.
+
+    Args:
+      b1: :math:`\beta_1`, the interpolation used for the update direction.
+      b2: :math:`\beta_2`, the decay of the stored momentum.
+      mu_dtype: storage dtype of ``mu``; ``None`` keeps the parameters' dtype.
+
+    Returns:
+      A :class:`~optstate.GradientTransformation` with state :class:`ScaleByLionState`.
+
+    Reference: Chen et al., "Symbolic Discovery of Optimization Algorithms",
+    arXiv:2302.06675, 2023, Algorithm 2.
+    """
+    mu_dtype = canonical_dtype(mu_dtype)
+
+    def init(params):
+        return ScaleByLionState(count=zero_count(), mu=zeros_like(params, dtype=mu_dtype))
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        check_updates(updates, state.mu, reference_name="state.mu", context="scale_by_lion")
+        direction = jax.tree.map(
+            lambda g, m: None if g is None else jnp.sign((1.0 - b1) * g + b1 * m),
+            updates, state.mu, is_leaf=is_none,
+        )
+        mu = cast_like(ema(updates, state.mu, b2, 1), state.mu)
+        return direction, ScaleByLionState(count=safe_increment(state.count), mu=mu)
+
+    return GradientTransformation(init, update)

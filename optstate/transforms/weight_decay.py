@@ -1,0 +1,74 @@
+"""Decoupled weight decay: adds a multiple of the parameters to the updates."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+
+from optstate._core.base import EmptyState, GradientTransformation, ScalarOrSchedule
+from optstate._core.numerics import check_params_given, is_none, safe_increment, zero_count
+from optstate._core.tree_checks import check_updates
+
+
+class WeightDecaySchedule(NamedTuple):
+    """The step count (``int32``) fed to a weight-decay schedule."""
+
+    count: jax.Array
+
+
+def add_decayed_weights(
+    weight_decay: ScalarOrSchedule = 0.0,
+    mask: Any | Callable[[Any], Any] | None = None,
+) -> GradientTransformation:
+    r"""Adds the parameters, scaled by the weight decay, to the updates.
+
+    .. math:: u_t \leftarrow u_t + \lambda_t\, p_{t-1}
+
+    where :math:`p_{t-1}` are the parameters passed to ``update`` (those from before the
+    step). Placed after Adam's rescaling and before the learning rate this gives AdamW's
+    decoupled decay :math:`p \leftarrow p - \eta\,(\hat m / (\sqrt{\hat v} + \epsilon) +
+    \lambda p)`; placed before the rescaling it is a plain L2 penalty on the gradient.
+
+    Args:
+      weight_decay: :math:`\lambda`, a float or a schedule of the step count.
+      mask: a tree of booleans with the structure of (a prefix of) the parameters, or a
+        function ``params -> tree of booleans``; ``True`` leaves are decayed, ``False``
+        leaves pass through (e.g. biases and norm scales). Uses :func:`optstate.masked`.
+
+    Returns:
+      A :class:`~optstate.GradientTransformation`; its ``update`` needs ``params``. The state
+      is :class:`WeightDecaySchedule` for a schedule, else empty.
+
+    Reference: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
+    """
+    scheduled = callable(weight_decay)
+
+    def init(params):
+        del params
+        return WeightDecaySchedule(count=zero_count()) if scheduled else EmptyState()
+
+    def update(updates, state, params=None, **extra_args):
+        del extra_args
+        context = "add_decayed_weights"
+        check_params_given(params, context)
+        check_updates(updates, params, reference_name="params", context=context)
+        if scheduled:
+            rate = weight_decay(state.count)
+            new_state = WeightDecaySchedule(count=safe_increment(state.count))
+        else:
+            rate = weight_decay
+            new_state = state
+            if isinstance(weight_decay, (int, float)) and weight_decay == 0.0:
+                return updates, new_state
+        updates = jax.tree.map(
+            lambda g, p: None if g is None else g + rate * p, updates, params, is_leaf=is_none
+        )
+        return updates, new_state
+
+    tx = GradientTransformation(init, update)
+    if mask is not None:
+        from optstate.wrappers.masking import masked
+
+        return masked(tx, mask)
+    return tx

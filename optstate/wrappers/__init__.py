@@ -1,0 +1,2 @@
+"""Transforms that wrap other transforms: masking, partitioning, finiteness checks and
+hyperparameter injection."""

@@ -1,0 +1,121 @@
+"""``apply_if_finite``: skip steps whose gradients contain a NaN or an Inf."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from optstate._core.base import GradientTransformation, OptState, Params, Updates
+from optstate._core.base import with_extra_args_support
+
+_INT32_MAX = jnp.iinfo(jnp.int32).max
+
+
+class ApplyIfFiniteState(NamedTuple):
+    """State of :func:`apply_if_finite`.
+
+    Attributes:
+      notfinite_count: consecutive steps (up to and including the last) whose updates held a
+        NaN or an Inf; reset to 0 by a finite step. int32 scalar.
+      last_finite: whether the last step's updates were all finite. bool scalar.
+      total_notfinite: all non-finite steps since ``init``; never reset. int32 scalar.
+      inner_state: the state of the wrapped transform.
+    """
+
+    notfinite_count: jax.Array
+    last_finite: jax.Array
+    total_notfinite: jax.Array
+    inner_state: OptState
+
+
+def _increment(count: jax.Array) -> jax.Array:
+    """``count + 1``, saturating at the int32 maximum instead of wrapping around."""
+    return jnp.where(count < _INT32_MAX, count + 1, count).astype(jnp.int32)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
+    if not flags:
+        return jnp.array(True)
+    return jnp.all(jnp.stack(flags))
+
+
+def apply_if_finite(inner: GradientTransformation,
+                    max_consecutive_errors: int) -> GradientTransformation:
+    """Runs ``inner`` only on steps whose incoming updates are all finite.
+
+    With :math:`f_t = [\\text{all } u_t \\text{ finite}]` and the consecutive-error count
+    :math:`n_t = 0` if :math:`f_t` else :math:`n_{t-1} + 1`,
+
+    .. math::
+
+        (u, s) \\leftarrow \\begin{cases} \\mathrm{inner}(u_t, s_{t-1})
+              & f_t \\text{ or } n_t > N \\\\
+          (0, s_{t-1}) & \\text{otherwise,} \\end{cases}
+
+    where :math:`N` is ``max_consecutive_errors``. A skipped step returns zero updates and
+    leaves the inner state bit-for-bit unchanged (a ``lax.cond`` selects the old state), so
+    a single overflowing batch in mixed-precision training does not poison the moments. After
+    more than :math:`N` consecutive non-finite steps the update is let through (as Optax
+    does), so a persistent divergence is not silently hidden. The test is on the updates that
+    enter the wrapper (the gradients), as in Optax. Reference: dynamic loss scaling,
+    Micikevicius et al., "Mixed Precision Training", ICLR 2018.
+
+    Args:
+      inner: the transform to protect (optstate's or Optax's).
+      max_consecutive_errors: :math:`N \\ge 0`, how many consecutive non-finite steps are
+        skipped before they are let through.
+
+    Returns:
+      A :class:`GradientTransformation` with state :class:`ApplyIfFiniteState`.
+
+    Raises:
+      ValueError: ``max_consecutive_errors`` is negative or not an int.
+    """
+    if isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, int) \
+            or max_consecutive_errors < 0:
+        raise ValueError(
+            "apply_if_finite: max_consecutive_errors must be a non-negative int, got "
+            f"{max_consecutive_errors!r}.")
+    inner = with_extra_args_support(inner)
+
+    def init(params: Params) -> ApplyIfFiniteState:
+        return ApplyIfFiniteState(
+            notfinite_count=jnp.zeros([], jnp.int32),
+            last_finite=jnp.array(True, jnp.bool_),
+            total_notfinite=jnp.zeros([], jnp.int32),
+            inner_state=inner.init(params),
+        )
+
+    def update(updates: Updates, state: ApplyIfFiniteState, params: Params | None = None,
+               **extra_args: Any) -> tuple[Updates, ApplyIfFiniteState]:
+        finite = _all_finite(updates)
+        count = jnp.where(finite, jnp.zeros([], jnp.int32), _increment(state.notfinite_count))
+        total = jnp.where(finite, state.total_notfinite, _increment(state.total_notfinite))
+
+        def apply(operands):
+            u, s = operands
+            return inner.update(u, s, params, **extra_args)
+
+        # Zeros shaped like what the inner transform returns (its dtypes may differ from the
+        # incoming updates'), so both branches of the cond agree.
+        out_shapes = jax.eval_shape(apply, (updates, state.inner_state))[0]
+
+        def skip(operands):
+            _, s = operands
+            return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), out_shapes), s
+
+        new_updates, new_inner = lax.cond(
+            jnp.logical_or(finite, count > max_consecutive_errors), apply, skip,
+            (updates, state.inner_state))
+        return new_updates, ApplyIfFiniteState(
+            notfinite_count=count,
+            last_finite=finite,
+            total_notfinite=total,
+            inner_state=new_inner,
+        )
+
+    return GradientTransformation(init, update)

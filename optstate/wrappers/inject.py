@@ -1,0 +1,183 @@
+"""``inject_hyperparams``: hyperparameters as float32 arrays in the state, or schedules."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optstate._core.base import GradientTransformation, OptState, Params, Updates
+from optstate._core.base import with_extra_args_support
+
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+class InjectHyperparamsState(NamedTuple):
+    """State of an :func:`inject_hyperparams` transform.
+
+    Attributes:
+      count: the number of updates done, int32 scalar; schedules are evaluated on it.
+      hyperparams: ``{name: array}``, the numeric hyperparameters used by the last update
+        (or, after ``init``, by the first). Unscheduled entries may be replaced between steps
+        (``state.hyperparams['learning_rate'] = jnp.float32(1e-4)``) and the next update
+        uses them; scheduled entries are recomputed from ``count`` at every update. (A Python
+        float works too but is a weakly typed argument, so a jitted step compiles once more.)
+      inner_state: the state of the inner transform.
+    """
+
+    count: jax.Array
+    hyperparams: dict[str, jax.Array]
+    inner_state: OptState
+
+
+def _is_float_like(value: Any) -> bool:
+    if isinstance(value, float):
+        return True
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+
+
+def _to_array(name: str, value: Any, float_dtype: Any, force_float: bool = False) -> jax.Array:
+    """A strongly typed array: floating values in ``float_dtype``, others in their own dtype."""
+    try:
+        if force_float or _is_float_like(value):
+            return jnp.asarray(value, dtype=float_dtype)
+        arr = jnp.asarray(value)
+        return arr.astype(arr.dtype)  # drops the weak type of Python scalars
+    except TypeError:
+        raise TypeError(
+            f"inject_hyperparams: hyperparameter {name!r} must be numeric (a float or an "
+            f"array); got {value!r} of type {type(value).__name__}.") from None
+
+
+def _is_static_value(value: Any) -> bool:
+    # bools and ints (flags, sizes) stay static, as do dtypes and types (e.g. mu_dtype),
+    # strings, None and containers.
+    if isinstance(value, (bool, int, np.bool_, np.integer)):
+        return True
+    if isinstance(value, (type, np.dtype)):
+        return True
+    return not (callable(value) or isinstance(value, (float, np.floating, np.ndarray, jax.Array)))
+
+
+def _increment(count: jax.Array) -> jax.Array:
+    return jnp.where(count < _INT32_MAX, count + 1, count).astype(jnp.int32)
+
+
+def inject_hyperparams(
+    inner_factory: Callable[..., GradientTransformation],
+    static_args: str | Iterable[str] = (),
+    hyperparam_dtype: Any = None,
+) -> Callable[..., GradientTransformation]:
+    """Turns the numeric hyperparameters of ``inner_factory`` into state.
+
+    ``inject_hyperparams(optstate.adam)(learning_rate=1e-3)`` builds a transform whose
+    state keeps ``learning_rate`` as a float32 array in ``state.hyperparams``; at every step
+    the inner transform is rebuilt from the current values and applied:
+
+    .. math::
+
+        h_t = \\begin{cases} \\sigma(t) & h \\text{ is a schedule } \\sigma \\\\
+                            h_{\\text{state}} & \\text{otherwise,} \\end{cases}
+        \\qquad (u, s) \\leftarrow \\mathrm{factory}(h_t).\\mathrm{update}(u, s),
+        \\qquad t \\leftarrow t + 1,
+
+    with :math:`t` the number of updates done so far (0 at the first update). Because the
+    values are arrays in the state, changing one between steps does not recompile a jitted
+    step, and checkpoints keep them. Reference: the hyperparameter-injection pattern of
+    Optax (``optax.inject_hyperparams``); schedules as in Loshchilov & Hutter, ICLR 2017.
+
+    Args:
+      inner_factory: a function returning a :class:`GradientTransformation` (e.g.
+        ``optstate.adamw`` or ``optax.adamw``) whose numeric arguments it accepts as arrays.
+      static_args: names of arguments to keep static even if they are callables or floats
+        (e.g. a callable ``mask``). Besides these, bools, ints, dtypes, strings and ``None``
+        stay static; floats and arrays become state; other callables are schedules
+        ``step -> value``.
+      hyperparam_dtype: the dtype of floating hyperparameters in the state; default float32.
+        (Optax defaults to the parameters' widest dtype; float32 keeps a learning rate exact
+        enough with bfloat16 parameters.)
+
+    Returns:
+      A function with ``inner_factory``'s signature returning a
+      :class:`GradientTransformation` with state :class:`InjectHyperparamsState`.
+
+    Raises:
+      ValueError: ``static_args`` names an argument ``inner_factory`` does not have.
+      KeyError: ``state.hyperparams`` was given a key that is not a numeric hyperparameter.
+    """
+    static = {static_args} if isinstance(static_args, str) else set(static_args)
+    signature = inspect.signature(inner_factory)
+    unknown = static - set(signature.parameters)
+    if unknown:
+        raise ValueError(
+            f"inject_hyperparams: static_args {sorted(unknown)} are not arguments of "
+            f"{getattr(inner_factory, '__name__', inner_factory)!r}; its arguments are "
+            f"{list(signature.parameters)}.")
+    float_dtype = jnp.float32 if hyperparam_dtype is None else hyperparam_dtype
+
+    @functools.wraps(inner_factory)
+    def wrapped(*args: Any, **kwargs: Any) -> GradientTransformation:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            kind = signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    raise TypeError("inject_hyperparams: pass the hyperparameters of "
+                                    f"{inner_factory.__name__} by name, not as *{name}.")
+            else:
+                arguments[name] = value
+
+        fixed, numeric, scheduled = {}, {}, {}
+        for name, value in arguments.items():
+            if name in static or _is_static_value(value):
+                fixed[name] = value
+            elif callable(value):
+                scheduled[name] = value
+            else:
+                numeric[name] = value
+
+        float_keys = {k for k, v in numeric.items() if _is_float_like(v)}
+
+        def evaluate(count: jax.Array, stored: dict[str, Any]) -> dict[str, jax.Array]:
+            extra = set(stored) - set(numeric) - set(scheduled)
+            missing = set(numeric) - set(stored)
+            if extra or missing:
+                raise KeyError(
+                    f"inject_hyperparams: state.hyperparams has unknown keys {sorted(extra)} "
+                    f"and lacks keys {sorted(missing)}; expected the numeric hyperparameters "
+                    f"{sorted(set(numeric) | set(scheduled))}.")
+            # A hyperparameter that started as a float stays in float_dtype whatever the user
+            # stores (e.g. a Python int), so the state's dtypes never change.
+            values = {k: _to_array(k, stored[k], float_dtype, force_float=k in float_keys)
+                      for k in numeric}
+            values.update({k: _to_array(k, f(count), float_dtype) for k, f in scheduled.items()})
+            return values
+
+        def init(params: Params) -> InjectHyperparamsState:
+            count = jnp.zeros([], jnp.int32)
+            hyperparams = evaluate(count, numeric)
+            inner = inner_factory(**fixed, **hyperparams)
+            return InjectHyperparamsState(count=count, hyperparams=hyperparams,
+                                          inner_state=inner.init(params))
+
+        def update(updates: Updates, state: InjectHyperparamsState,
+                   params: Params | None = None, **extra_args: Any
+                   ) -> tuple[Updates, InjectHyperparamsState]:
+            hyperparams = evaluate(state.count, state.hyperparams)
+            inner = with_extra_args_support(inner_factory(**fixed, **hyperparams))
+            updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+            return updates, InjectHyperparamsState(
+                count=_increment(state.count), hyperparams=hyperparams, inner_state=inner_state)
+
+        return GradientTransformation(init, update)
+
+    return wrapped

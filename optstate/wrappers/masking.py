@@ -1,0 +1,175 @@
+"""``masked``: apply a transform to a selected subset of the leaves, pass the rest through.
+
+The inner transform sees a tree in which every masked-out leaf (or subtree) is replaced by a
+``MaskedNode``, an empty pytree node, so it allocates no state for those leaves.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import numpy as np
+
+from optstate._core.base import GradientTransformation, OptState, Params, PyTree, Updates
+from optstate._core.base import with_extra_args_support
+
+MaskOrFn = PyTree | Callable[[Params], PyTree]
+
+
+class MaskedNode(NamedTuple):
+    """Placeholder for a masked-out leaf or subtree.
+
+    It is a pytree node with no children, so ``jax.tree.map`` and every transform skip it
+    (no state is allocated and no arithmetic is done for it).
+    """
+
+
+class MaskedState(NamedTuple):
+    """State of :func:`masked`: the state of the inner transform over the selected leaves."""
+
+    inner_state: OptState
+
+
+def _is_placeholder(x: Any) -> bool:
+    return x is None or isinstance(x, MaskedNode)
+
+
+def _prefix_mismatch(prefix: Any, tree: Any, tree_name: str) -> str:
+    """Describes where ``prefix`` (a mask or label tree) fails to be a prefix of ``tree``."""
+    prefix_paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(prefix)[0]]
+    flat_tree = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_placeholder)[0]
+    tree_paths = [p for p, _ in flat_tree]
+    for p in prefix_paths:
+        if not any(tp[: len(p)] == p for tp in tree_paths):
+            return (f"it has a leaf at {jax.tree_util.keystr(p)} where the {tree_name} "
+                    f"tree has no entry")
+    for tp in tree_paths:
+        if not any(tp[: len(p)] == p for p in prefix_paths):
+            return (f"the {tree_name} leaf {jax.tree_util.keystr(tp)} has no entry in it")
+    return "same paths, different container types"
+
+
+def flatten_prefix(prefix: Any, tree: Any, *, prefix_name: str, tree_name: str,
+                   context: str) -> tuple[list[tuple[str, Any]], list[Any], Any]:
+    """Splits ``tree`` into the subtrees under each leaf of ``prefix``.
+
+    Returns ``(prefix_leaves, subtrees, prefix_treedef)`` where ``prefix_leaves`` is a list
+    of ``(path string, leaf)`` pairs.
+
+    Raises:
+      ValueError: ``prefix`` is not a prefix of ``tree``, naming the first differing path and
+        both structures.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(prefix)
+    try:
+        subtrees = treedef.flatten_up_to(tree)
+    except (ValueError, TypeError):
+        detail = _prefix_mismatch(prefix, tree, tree_name)
+        raise ValueError(
+            f"{context}: the {prefix_name} tree must have the structure of the {tree_name} tree "
+            f"(or of a prefix of it), but {detail}.\n"
+            f"  {prefix_name} structure: {treedef}\n"
+            f"  {tree_name} structure: {jax.tree.structure(tree, is_leaf=_is_placeholder)}"
+        ) from None
+    leaves = [(jax.tree_util.keystr(path), leaf) for path, leaf in flat]
+    return leaves, subtrees, treedef
+
+
+def _as_bool(path: str, m: Any, context: str) -> bool:
+    if isinstance(m, jax.core.Tracer):
+        raise TypeError(
+            f"{context}: mask leaf {path} is a traced value; the mask must be static (Python "
+            f"or NumPy bools, or concrete arrays), e.g. computed from shapes, not from values."
+        )
+    if isinstance(m, (bool, np.bool_)):
+        return bool(m)
+    dtype = getattr(m, "dtype", None)
+    if dtype is not None and np.dtype(dtype) == np.bool_ and np.size(m) == 1:
+        return bool(np.asarray(m))
+    raise TypeError(
+        f"{context}: mask leaf {path} must be a bool (True: transform, False: pass through); "
+        f"got {type(m).__name__}{'' if dtype is None else f' of dtype {dtype}'}."
+    )
+
+
+def resolve_mask(mask: MaskOrFn, tree: Any) -> Any:
+    """The mask tree for ``tree``: ``mask(tree)`` if ``mask`` is callable, else ``mask``."""
+    return mask(tree) if callable(mask) else mask
+
+
+def split_by_mask(mask_tree: Any, tree: Any, *, tree_name: str, context: str
+                  ) -> tuple[list[bool], list[Any], Any]:
+    """Checks ``mask_tree`` against ``tree``; returns the bools, the subtrees and the treedef."""
+    leaves, subtrees, treedef = flatten_prefix(
+        mask_tree, tree, prefix_name="mask", tree_name=tree_name, context=context)
+    bools = [_as_bool(path, m, context) for path, m in leaves]
+    return bools, subtrees, treedef
+
+
+def mask_tree_with(bools: list[bool], subtrees: list[Any], treedef: Any) -> Any:
+    """Rebuilds the tree with every subtree whose bool is False replaced by ``MaskedNode()``."""
+    return treedef.unflatten([s if b else MaskedNode() for b, s in zip(bools, subtrees)])
+
+
+def masked(inner: GradientTransformation, mask: MaskOrFn) -> GradientTransformation:
+    """Applies ``inner`` to the leaves selected by ``mask`` and passes the others through.
+
+    With a boolean mask :math:`m_i` per leaf,
+
+    .. math::
+
+        u_i \\leftarrow \\begin{cases} \\mathrm{inner}(u)_i & m_i = \\text{True} \\\\
+                                        u_i & m_i = \\text{False}. \\end{cases}
+
+    ``inner`` sees a tree in which each masked-out leaf or subtree is replaced by a
+    :class:`MaskedNode` (an empty pytree node), so it keeps state only for the selected
+    leaves. The typical use is to exempt biases and normalisation scales from weight decay
+    (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019).
+
+    Args:
+      inner: the transform to apply to the selected leaves (optstate's or Optax's).
+      mask: a pytree of bools with the structure of the parameters (or of a prefix of it;
+        a bool at an inner node selects the whole subtree), or a callable
+        ``params -> mask`` (called on the parameters in ``init`` and on the updates in
+        ``update``). The mask must be static: Python/NumPy bools or concrete arrays.
+
+    Returns:
+      A :class:`GradientTransformation` with state :class:`MaskedState`.
+
+    Raises:
+      ValueError: the mask tree is not a prefix of the parameter/update tree (naming the path).
+      TypeError: a mask leaf is not a bool (naming the path).
+    """
+    inner = with_extra_args_support(inner)
+
+    def init(params: Params) -> MaskedState:
+        bools, subtrees, treedef = split_by_mask(
+            resolve_mask(mask, params), params, tree_name="params", context="masked.init")
+        return MaskedState(inner_state=inner.init(mask_tree_with(bools, subtrees, treedef)))
+
+    def update(updates: Updates, state: MaskedState, params: Params | None = None,
+               **extra_args: Any) -> tuple[Updates, MaskedState]:
+        mask_tree = resolve_mask(mask, updates)
+        bools, subtrees, treedef = split_by_mask(
+            mask_tree, updates, tree_name="updates", context="masked.update")
+        masked_updates = mask_tree_with(bools, subtrees, treedef)
+        masked_params = None
+        if params is not None:
+            masked_params = mask_tree_with(*split_by_mask(
+                mask_tree, params, tree_name="params", context="masked.update"))
+        new_masked, new_inner_state = inner.update(
+            masked_updates, state.inner_state, masked_params, **extra_args)
+        try:
+            new_subtrees = treedef.flatten_up_to(new_masked)
+        except (ValueError, TypeError):
+            raise ValueError(
+                "masked.update: the inner transform returned updates whose structure differs "
+                f"from its input.\n  expected: {jax.tree.structure(masked_updates)}\n"
+                f"  returned: {jax.tree.structure(new_masked)}"
+            ) from None
+        out = treedef.unflatten(
+            [new if b else old for b, new, old in zip(bools, new_subtrees, subtrees)])
+        return out, MaskedState(inner_state=new_inner_state)
+
+    return GradientTransformation(init, update)

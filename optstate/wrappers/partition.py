@@ -1,0 +1,98 @@
+"""``partition``: a different transform for each labelled group of parameters."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable, Mapping, NamedTuple
+
+import jax
+
+from optstate._core.base import GradientTransformation, OptState, Params, PyTree, Updates
+from optstate.wrappers.masking import flatten_prefix, masked
+
+LabelsOrFn = PyTree | Callable[[Params], PyTree]
+
+
+class PartitionState(NamedTuple):
+    """State of :func:`partition`: ``{label: MaskedState(inner_state)}``, one per group."""
+
+    inner_states: Mapping[Hashable, OptState]
+
+
+def _labels_for(param_labels: LabelsOrFn, tree: Any, tree_name: str, context: str,
+                known: Mapping[Hashable, Any]) -> Any:
+    """The label tree for ``tree``, checked: a prefix of ``tree``, every label has a transform."""
+    labels = param_labels(tree) if callable(param_labels) else param_labels
+    leaves, _, _ = flatten_prefix(labels, tree, prefix_name="labels", tree_name=tree_name,
+                                  context=context)
+    missing: dict[Any, list[str]] = {}
+    for path, label in leaves:
+        try:
+            ok = label in known
+        except TypeError:
+            raise TypeError(
+                f"{context}: the label at {path} must be hashable (a transform key); "
+                f"got {label!r} of type {type(label).__name__}.") from None
+        if not ok:
+            missing.setdefault(label, []).append(path)
+    if missing:
+        lines = "; ".join(f"label {lab!r} at {', '.join(paths)}" for lab, paths in missing.items())
+        raise ValueError(
+            f"{context}: some parameters carry a label with no transform ({lines}). "
+            f"Transforms are given for labels {sorted(known, key=repr)}.")
+    return labels
+
+
+def partition(transforms: Mapping[Hashable, GradientTransformation],
+              param_labels: LabelsOrFn) -> GradientTransformation:
+    """Applies a different transform to each group of parameters.
+
+    With labels :math:`\\ell_i` per leaf and a transform :math:`T_g` per label,
+
+    .. math::
+
+        u_i \\leftarrow T_{\\ell_i}\\big(\\{u_j : \\ell_j = \\ell_i\\}\\big)_i .
+
+    Each group's transform runs under :func:`masked`, so it keeps state only for its own
+    leaves. A frozen group, ``set_to_zero()``, holds no state arrays at all; this is the
+    parameter-efficient fine-tuning case (e.g. LoRA, Hu et al., ICLR 2022: only the adapters
+    carry optimizer state).
+
+    Args:
+      transforms: ``{label: transform}``; transforms may be optstate's or Optax's.
+      param_labels: a pytree of labels with the structure of the parameters (or a prefix of
+        it), or a callable ``params -> labels`` (called on the parameters in ``init`` and on
+        the updates in ``update``). Every label must be a key of ``transforms``.
+
+    Returns:
+      A :class:`GradientTransformation` with state :class:`PartitionState`.
+
+    Raises:
+      ValueError: a leaf's label has no transform (naming the label and the leaf paths), or
+        the label tree is not a prefix of the parameter tree (naming the path).
+    """
+    transforms = dict(transforms)
+
+    def group_mask(labels: Any, group: Hashable) -> Any:
+        return jax.tree.map(lambda label: label == group, labels)
+
+    def init(params: Params) -> PartitionState:
+        labels = _labels_for(param_labels, params, "params", "partition.init", transforms)
+        return PartitionState(inner_states={
+            group: masked(tx, group_mask(labels, group)).init(params)
+            for group, tx in transforms.items()
+        })
+
+    def update(updates: Updates, state: PartitionState, params: Params | None = None,
+               **extra_args: Any) -> tuple[Updates, PartitionState]:
+        labels = _labels_for(param_labels, updates, "updates", "partition.update", transforms)
+        if set(state.inner_states) != set(transforms):
+            raise ValueError(
+                f"partition.update: the state has groups {sorted(state.inner_states, key=repr)}"
+                f"; expected {sorted(transforms, key=repr)}.")
+        new_states = {}
+        for group, tx in transforms.items():
+            updates, new_states[group] = masked(tx, group_mask(labels, group)).update(
+                updates, state.inner_states[group], params, **extra_args)
+        return updates, PartitionState(inner_states=new_states)
+
+    return GradientTransformation(init, update)
