@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from optstate.quantization.codebooks import codebook
+from optstate.quantization import formats
 from optstate.tasks.timing import time_interleaved
 
 BLOCK = 256
@@ -58,7 +58,8 @@ def _minifloat_unsigned_decode(codes: jax.Array) -> jax.Array:
 
 
 def _dynamic_map_coders():
-    signed, unsigned = codebook("int8", False), codebook("int8", True)
+    int8 = formats.get("int8").codec
+    signed, unsigned = int8.book(False), int8.book(True)
     return signed.encode, signed.decode, unsigned.encode, unsigned.decode
 
 

@@ -1,8 +1,10 @@
 """optstate: Optax-style composable gradient transformations that manage optimizer state.
 
 Quantized (8-bit, 4-bit, FP8, BF16) state for any transform, staleness measurement and
-resets, ZeRO-style sharding of state, and exact checkpoints. Heavy submodules
-(``checkpoint``, ``sharding``, ``staleness``, ``inspect``, ``schedules``) are imported lazily.
+resets, ZeRO-style sharding of state, and exact checkpoints. Every public name is re-exported
+here, flat; the packages behind them are described in the README's Development section. The
+submodules ``schedules``, ``memory`` (alias ``inspect``), ``staleness``, ``sharding``,
+``checkpoint`` and ``tasks`` are attributes too, imported on first use where heavy (Orbax).
 """
 
 from __future__ import annotations
@@ -10,21 +12,22 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from optstate._core.version import __version__  # noqa: F401 (optstate.__version__)
 
-# --- protocol (lead) ---------------------------------------------------------------------
+# --- protocol ---------------------------------------------------------------------
 from optstate._core.base import (
     EmptyState,
     GradientTransformation,
     apply_updates,
     chain,
     identity,
+    init_empty_state,
     named_chain,
     set_to_zero,
     with_extra_args_support,
 )
 
-# --- building blocks and aliases (foundation) --------------------------------------------
+# --- building blocks and aliases --------------------------------------------
 from optstate.transforms.adadelta import ScaleByAdaDeltaState, scale_by_adadelta
 from optstate.transforms.adam import ScaleByAdamState, scale_by_adam
 from optstate.aliases import (
@@ -58,15 +61,17 @@ from optstate.transforms.scale import ScaleByScheduleState, scale, scale_by_lear
 from optstate.transforms.trust_ratio import scale_by_trust_ratio
 from optstate.transforms.weight_decay import WeightDecaySchedule, add_decayed_weights
 
-# --- wrappers (foundation) ---------------------------------------------------------------
+# --- wrappers ---------------------------------------------------------------
 from optstate.wrappers.finite import ApplyIfFiniteState, apply_if_finite
 from optstate.wrappers.inject import InjectHyperparamsState, inject_hyperparams
 from optstate.wrappers.masking import MaskedNode, MaskedState, masked
 from optstate.wrappers.partition import PartitionState, partition
 
 # --- quantized state ---------------------------------------------------------------------
-from optstate.quantization.array import QuantizedArray, dequantize, is_quantized
+from optstate.quantization.array import QuantizedArray, is_quantized
+from optstate.quantization.block import dequantize
 from optstate.quantization.wrapper import (
+    BoundedStepFallbackWarning,
     NONNEG_FIELDS,
     QuantizedState,
     default_chunk_elements,
@@ -76,7 +81,28 @@ from optstate.quantization.wrapper import (
 # --- staleness and resets ----------------------------------------------------------------
 from optstate.staleness.resets import adaptive_reset, reset_every_n
 
-_LAZY_SUBMODULES = ("schedules", "inspect", "staleness", "sharding", "checkpoint", "tasks")
+_LAZY_SUBMODULES = (
+    "schedules", "memory", "inspect", "staleness", "sharding", "checkpoint", "tasks")
+
+__all__ = [
+    "BoundedStepFallbackWarning",
+    "adadelta", "adafactor", "adagrad", "adam", "adam_l2", "adamw", "adaptive_reset",
+    "add_decayed_weights", "apply_if_finite", "apply_updates", "ApplyIfFiniteState", "chain",
+    "clip", "clip_by_block_rms", "clip_by_global_norm", "default_chunk_elements", "dequantize",
+    "ema", "EmaState", "EmptyState", "FactoredState", "GradientTransformation", "identity",
+    "init_empty_state", "inject_hyperparams", "InjectHyperparamsState", "is_quantized", "lamb",
+    "lion", "masked", "MaskedNode", "MaskedState", "named_chain", "NONNEG_FIELDS", "partition",
+    "PartitionState", "quantize_state", "QuantizedArray", "QuantizedState", "reset_every_n",
+    "rmsprop", "safe_increment", "scale", "scale_by_adadelta", "scale_by_adam",
+    "scale_by_factored_rms", "scale_by_learning_rate", "scale_by_lion",
+    "scale_by_param_block_rms", "scale_by_rms", "scale_by_rss", "scale_by_schedule",
+    "scale_by_stddev", "scale_by_trust_ratio", "ScaleByAdaDeltaState", "ScaleByAdamState",
+    "ScaleByLionState", "ScaleByRmsState", "ScaleByRmsWithCountState", "ScaleByRssState",
+    "ScaleByRStdDevState", "ScaleByRStdDevWithCountState", "ScaleByScheduleState",
+    "set_to_zero", "sgd", "trace", "TraceState", "WeightDecaySchedule",
+    "with_extra_args_support",
+    *_LAZY_SUBMODULES,
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,18 +1,20 @@
 """The classic optimizers, each a :func:`~optstate.chain` of building blocks.
 
 Each alias has Optax's signature, defaults and numerics, and the same chain layout (so the
-state of ``optstate.adam`` is laid out like that of ``optax.adam``).
+state of ``optstate.adam`` is laid out like that of ``optax.adam``). Each docstring ends with
+a one-step example on a two-element parameter, run as a doctest by ``tests/test_doctests.py``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax.numpy as jnp
 
+from optstate._core.base import GradientTransformation, chain, identity
+from optstate._core.types import MaskOrFn, ScalarOrSchedule
 from optstate.transforms.adadelta import scale_by_adadelta
 from optstate.transforms.adam import scale_by_adam
-from optstate._core.base import GradientTransformation, ScalarOrSchedule, chain, identity
 from optstate.transforms.clipping import clip_by_block_rms
 from optstate.transforms.factored import scale_by_factored_rms, scale_by_param_block_rms
 from optstate.transforms.lion import scale_by_lion
@@ -21,8 +23,6 @@ from optstate.transforms.rms import scale_by_rms, scale_by_rss, scale_by_stddev
 from optstate.transforms.scale import scale, scale_by_learning_rate
 from optstate.transforms.trust_ratio import scale_by_trust_ratio
 from optstate.transforms.weight_decay import add_decayed_weights
-
-MaskOrFn = Any | Callable[[Any], Any] | None
 
 
 def sgd(
@@ -53,6 +53,17 @@ def sgd(
       Robbins & Monro, "A Stochastic Approximation Method", 1951.
       Sutskever, Martens, Dahl & Hinton, "On the importance of initialization and momentum
       in deep learning", ICML 2013.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optstate
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> tx = optstate.sgd(learning_rate=0.1, momentum=0.9)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.array([0.5, -0.5])}, state, params)
+      >>> new_params = optstate.apply_updates(params, updates)
+      >>> [round(float(x), 4) for x in new_params["w"]]
+      [0.95, -1.95]
     """
     first = (
         trace(decay=momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
@@ -89,6 +100,20 @@ def adam(
       ``chain(scale_by_adam, scale_by_learning_rate)``.
 
     Reference: Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
+
+    Example:
+      The first step moves every coordinate by the learning rate (the bias-corrected
+      moments give :math:`\hat m / \sqrt{\hat v} = \operatorname{sign}(g)`):
+
+      >>> import jax.numpy as jnp
+      >>> import optstate
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> tx = optstate.adam(learning_rate=0.1)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.array([0.5, -0.5])}, state, params)
+      >>> new_params = optstate.apply_updates(params, updates)
+      >>> [round(float(x), 4) for x in new_params["w"]]
+      [0.9, -1.9]
     """
     return chain(
         scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
@@ -129,6 +154,19 @@ def adamw(
       ``chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate)``.
 
     Reference: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
+
+    Example:
+      One step: :math:`p - 0.1\,(\operatorname{sign}(g) + 0.01\,p)`:
+
+      >>> import jax.numpy as jnp
+      >>> import optstate
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> tx = optstate.adamw(learning_rate=0.1, weight_decay=0.01)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.array([0.5, -0.5])}, state, params)
+      >>> new_params = optstate.apply_updates(params, updates)
+      >>> [round(float(x), 4) for x in new_params["w"]]
+      [0.899, -1.898]
     """
     return chain(
         scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
@@ -172,6 +210,20 @@ def adam_l2(
 
     Reference: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019,
     Algorithm 2 (the "L2 regularization" lines).
+
+    Example:
+      The penalty :math:`0.1 \cdot 1.0` outweighs the gradient :math:`-0.05` of the first
+      coordinate, which therefore decreases (plain Adam would raise it to 1.1):
+
+      >>> import jax.numpy as jnp
+      >>> import optstate
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> tx = optstate.adam_l2(learning_rate=0.1, weight_decay=0.1)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.array([-0.05, -0.5])}, state, params)
+      >>> new_params = optstate.apply_updates(params, updates)
+      >>> [round(float(x), 4) for x in new_params["w"]]
+      [0.9, -1.9]
     """
     return chain(
         add_decayed_weights(weight_decay, mask),
@@ -220,6 +272,17 @@ def rmsprop(
       Tieleman & Hinton, "Lecture 6.5 - RMSProp", COURSERA: Neural Networks for Machine
       Learning, 2012.
       Graves, "Generating Sequences With Recurrent Neural Networks", arXiv:1308.0850, 2013.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optstate
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> tx = optstate.rmsprop(learning_rate=0.1)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.array([0.5, -0.5])}, state, params)
+      >>> new_params = optstate.apply_updates(params, updates)
+      >>> [round(float(x), 4) for x in new_params["w"]]
+      [0.6838, -1.6838]
     """
     rescale = scale_by_stddev if centered else scale_by_rms
     return chain(
@@ -249,6 +312,17 @@ def adagrad(
 
     Reference: Duchi, Hazan & Singer, "Adaptive Subgradient Methods for Online Learning and
     Stochastic Optimization", JMLR 12, 2011.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optstate
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> tx = optstate.adagrad(learning_rate=0.1)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.array([0.5, -0.5])}, state, params)
+      >>> new_params = optstate.apply_updates(params, updates)
+      >>> [round(float(x), 4) for x in new_params["w"]]
+      [0.9155, -1.9155]
     """
     return chain(
         scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps),
@@ -282,6 +356,17 @@ def adadelta(
       ``chain(add_decayed_weights, scale_by_adadelta, scale_by_learning_rate)``.
 
     Reference: Zeiler, "ADADELTA: An Adaptive Learning Rate Method", arXiv:1212.5701, 2012.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optstate
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> tx = optstate.adadelta(learning_rate=1.0)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.array([0.5, -0.5])}, state, params)
+      >>> new_params = optstate.apply_updates(params, updates)
+      >>> [round(float(x), 4) for x in new_params["w"]]
+      [0.9968, -1.9968]
     """
     return chain(
         add_decayed_weights(weight_decay, mask=weight_decay_mask),
@@ -318,6 +403,17 @@ def lamb(
 
     Reference: You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76
     minutes", ICLR 2020, Algorithm 2.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optstate
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> tx = optstate.lamb(learning_rate=0.1)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.array([0.5, -0.5])}, state, params)
+      >>> new_params = optstate.apply_updates(params, updates)
+      >>> [round(float(x), 4) for x in new_params["w"]]
+      [0.8419, -1.8419]
     """
     return chain(
         scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
@@ -353,6 +449,17 @@ def lion(
 
     Reference: Chen et al., "Symbolic Discovery of Optimization Algorithms",
     arXiv:2302.06675, 2023.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optstate
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> tx = optstate.lion(learning_rate=0.1)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.array([0.5, -0.5])}, state, params)
+      >>> new_params = optstate.apply_updates(params, updates)
+      >>> [round(float(x), 4) for x in new_params["w"]]
+      [0.8999, -1.8998]
     """
     return chain(
         scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype),
@@ -403,6 +510,17 @@ def adafactor(
 
     Reference: Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory
     Cost", ICML 2018.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optstate
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> tx = optstate.adafactor(learning_rate=0.1)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.array([0.5, -0.5])}, state, params)
+      >>> new_params = optstate.apply_updates(params, updates)
+      >>> [round(float(x), 4) for x in new_params["w"]]
+      [0.8419, -1.8419]
     """
     parts = [scale_by_factored_rms(factored, decay_rate, decay_offset, min_dim_size_to_factor,
                                    eps)]

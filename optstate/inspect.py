@@ -5,3 +5,4 @@ Kept so that code written against it keeps working; new code should use ``optsta
 
 from optstate.memory import *  # noqa: F401,F403
 from optstate.memory import __all__  # noqa: F401
+from optstate.quantization.array import is_quantized  # noqa: F401,E402  (importable here before)

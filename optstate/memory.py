@@ -24,23 +24,18 @@ import jax
 import numpy as np
 
 from optstate.quantization.array import is_quantized
+from optstate.quantization.formats import dtype_format_name
+from optstate.quantization.wrapper import recording_update_paths
 
 __all__ = ["CompiledMemory", "Description", "LeafInfo", "compiled_memory", "describe", "format_name",
            "state_bytes"]
-
-_FORMAT_NAMES = {
-    "float32": "fp32", "float64": "fp64", "float16": "fp16", "bfloat16": "bf16",
-    "float8_e4m3fn": "fp8_e4m3", "float8_e5m2": "fp8_e5m2",
-}
-
 
 def format_name(leaf: Any) -> str:
     """The storage format of a leaf: a quantized leaf's ``fmt`` (``"int8"``, ``"int4"``,
     ``"fp8_e4m3"``, ...), else its dtype (``"fp32"``, ``"bf16"``, ``"int32"``, ...)."""
     if is_quantized(leaf):
         return leaf.fmt
-    name = np.dtype(leaf.dtype).name
-    return _FORMAT_NAMES.get(name, name)
+    return dtype_format_name(leaf.dtype)
 
 
 def _array_bytes(x: Any) -> int:
@@ -65,13 +60,16 @@ def state_bytes(state: Any) -> int:
 
 class LeafInfo(NamedTuple):
     """One row of :func:`describe`: ``path`` (``jax.tree_util.keystr``), logical ``shape``,
-    storage ``format``, stored ``bytes`` and ``bytes_per_value`` (bytes / logical elements)."""
+    storage ``format``, stored ``bytes``, ``bytes_per_value`` (bytes / logical elements) and,
+    when ``describe`` was given the transform, the ``step`` a quantized leaf's update takes
+    (``"chunked"``: the bounded-memory loop; ``"whole: <why>"``: dequantized at once)."""
 
     path: str
     shape: tuple[int, ...]
     format: str
     bytes: int
     bytes_per_value: float
+    step: str = ""
 
 
 class Description(NamedTuple):
@@ -85,29 +83,34 @@ class Description(NamedTuple):
     bytes_per_param: float | None
 
     def __str__(self) -> str:
-        header = ("path", "shape", "format", "bytes", "bytes/value")
+        steps = any(r.step for r in self.rows)
+        header = ("path", "shape", "format", "bytes", "bytes/value") + (("step",) * steps)
         body = [(r.path or "(root)", str(tuple(r.shape)), r.format, str(r.bytes),
-                 f"{r.bytes_per_value:.3f}") for r in self.rows]
+                 f"{r.bytes_per_value:.3f}") + ((r.step,) * steps) for r in self.rows]
         total = ("total", "", "", str(self.total_bytes),
                  "" if self.bytes_per_param is None
-                 else f"{self.bytes_per_param:.3f} bytes/parameter")
-        widths = [max(len(row[i]) for row in [header, *body, total]) for i in range(5)]
+                 else f"{self.bytes_per_param:.3f} bytes/parameter") + (("",) * steps)
+        widths = [max(len(row[i]) for row in [header, *body, total]) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
                  for row in [header, *body, total]]
         return "\n".join(lines)
 
 
-def describe(state: Any, params: Any = None) -> Description:
+def describe(state: Any, params: Any = None, *, tx: Any = None) -> Description:
     """Per-leaf table of ``state``: path, shape, format, bytes, bytes per value, and the total.
 
     Args:
       state: an optimizer state (arrays or ``jax.ShapeDtypeStruct``s), quantized or not.
       params: optional parameters; when given, the total also shows bytes per parameter
         (``total_bytes / number of parameter elements``).
+      tx: optionally the transform whose state this is (needs ``params``). Its update is
+        traced once on abstract values (nothing runs) to show, per quantized leaf, the step
+        ``quantize_state`` takes for it: ``"chunked"`` (bounded memory) or ``"whole: <why>"``.
 
     Returns:
       A :class:`Description`; ``print(describe(state))`` prints the table.
     """
+    steps = {} if tx is None else _update_paths(tx, state, params)
     flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_quantized)
     rows = []
     for path, leaf in flat:
@@ -116,8 +119,9 @@ def describe(state: Any, params: Any = None) -> Description:
         shape = tuple(int(d) for d in leaf.shape)
         nbytes = _leaf_bytes(leaf)
         size = math.prod(shape)
-        rows.append(LeafInfo(jax.tree_util.keystr(path), shape, format_name(leaf), nbytes,
-                             nbytes / size if size else 0.0))
+        name = jax.tree_util.keystr(path)
+        rows.append(LeafInfo(name, shape, format_name(leaf), nbytes,
+                             nbytes / size if size else 0.0, _step_of(name, steps)))
     total = sum(r.bytes for r in rows)
     num_params = None
     per_param = None
@@ -125,6 +129,23 @@ def describe(state: Any, params: Any = None) -> Description:
         num_params = sum(math.prod(getattr(p, "shape", ())) for p in jax.tree.leaves(params))
         per_param = total / num_params if num_params else 0.0
     return Description(tuple(rows), total, num_params, per_param)
+
+
+def _update_paths(tx: Any, state: Any, params: Any) -> dict[str, str]:
+    """``{path inside a QuantizedState's inner state: step}`` from tracing ``tx.update``."""
+    if params is None:
+        raise ValueError("describe: tx= needs params= too (the update is traced with the "
+                         "parameters as gradients); got params=None.")
+    with recording_update_paths() as record:
+        jax.eval_shape(lambda s, p: tx.update(p, s, p), state, params)
+    return dict(record)
+
+
+def _step_of(path: str, steps: dict[str, str]) -> str:
+    for inner_path, step in steps.items():
+        if path.endswith(".inner_state" + inner_path):
+            return step
+    return ""
 
 
 # -- step memory: XLA's analysis of a compiled step --------------------------------------------

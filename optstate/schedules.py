@@ -10,10 +10,12 @@ aliases so that code written for Optax ports by changing the import.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from optstate._core.types import Schedule
 
 __all__ = [
     "Schedule", "constant", "polynomial", "linear", "cosine_decay", "warmup_cosine_decay",
@@ -22,8 +24,8 @@ __all__ = [
     "warmup_cosine_decay_schedule", "piecewise_constant_schedule", "join_schedules",
 ]
 
+#: A number, or a scalar array.
 Scalar = float | jax.Array
-Schedule = Callable[[jax.Array | int], jax.Array]
 
 
 def constant(value: Scalar) -> Schedule:

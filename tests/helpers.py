@@ -1,22 +1,95 @@
-"""Shared helpers for the Optax-parity tests (``test_aliases.py``, ``test_transforms.py``).
+"""The helpers every test module shares: tree comparisons and the Optax-parity runner.
 
-A small three-leaf parameter tree, a fixed random gradient-noise sequence, a gradient with
-per-leaf curvature, a jitted runner that steps an optstate transform and an Optax transform on
-the same gradient sequence, and a leaf-by-leaf tree comparison. Each test file passes its own
-seeds, so its tests see the same data they always did.
+* :func:`assert_trees_close` (tolerance, built on ``chex.assert_trees_all_close``) and
+  :func:`assert_trees_identical` (bit for bit, for checkpoints and skipped steps): the one
+  place tests compare trees, so a failure always names the leaf path.
+* The Optax-parity fixtures of ``test_aliases.py`` and ``transforms/test_transforms.py``: a
+  small three-leaf parameter tree, a fixed random gradient-noise sequence, a gradient with
+  per-leaf curvature and a jitted runner that steps an optstate transform and an Optax
+  transform on the same gradient sequence. Each test file passes its own seeds, so its tests
+  see the same data they always did.
+
+Import it as ``from tests import helpers``.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 STEPS = 40
+#: The Optax-parity tolerance: optstate's and Optax's float32 arithmetic may differ in the
+#: order of operations, never by more than this after 40 steps.
 RTOL, ATOL = 2e-5, 2e-6
+
+
+# --- tree comparisons ----------------------------------------------------------------------
+
+
+def _paths(tree: Any) -> list[str]:
+    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def assert_trees_close(got: Any, want: Any, what: str = "trees", *, rtol: float = RTOL,
+                       atol: float = ATOL, check_dtype: bool = True,
+                       check_structure: bool = True) -> None:
+    """Asserts ``|got - want| <= atol + rtol * |want|`` leaf by leaf, compared in float32.
+
+    Args:
+      got, want: pytrees of arrays (or numbers) with the same number of leaves.
+      what: named in the failure message.
+      rtol, atol: tolerances (default: the Optax-parity tolerance :data:`RTOL`, :data:`ATOL`).
+      check_dtype: the leaf dtypes must match too.
+      check_structure: the tree structures must be equal; with ``False`` only the leaves are
+        paired, in order (e.g. optstate's state against Optax's, whose NamedTuple classes
+        differ).
+
+    A NaN in either tree fails (NaN is never close to anything). A failure names the path of
+    the first differing leaf (as ``jax.tree_util.keystr`` writes it, taken from ``got``).
+    """
+    if check_structure:
+        chex.assert_trees_all_equal_structs(got, want)
+    got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
+    assert len(got_leaves) == len(want_leaves), (
+        f"{what}: {len(got_leaves)} leaves, expected {len(want_leaves)}")
+    paths = _paths(got)
+    if check_dtype:
+        for path, g, w in zip(paths, got_leaves, want_leaves):
+            assert jnp.result_type(g) == jnp.result_type(w), (
+                f"{what}: dtype {jnp.result_type(g)} at {path}, expected {jnp.result_type(w)}")
+    got32 = {p: np.asarray(x, np.float32) for p, x in zip(paths, got_leaves)}
+    want32 = {p: np.asarray(x, np.float32) for p, x in zip(paths, want_leaves)}
+    for path in paths:
+        assert not (np.isnan(got32[path]).any() or np.isnan(want32[path]).any()), (
+            f"{what}: NaN at {path}")
+    chex.assert_trees_all_close(got32, want32, rtol=rtol, atol=atol, custom_message=what)
+
+
+def _bits(x: Any) -> tuple[str, tuple[int, ...], bytes, bool]:
+    """dtype, shape, raw bytes and weak type of a leaf (PRNG keys by their key data)."""
+    if jax.dtypes.issubdtype(jnp.result_type(x), jax.dtypes.prng_key):
+        return (str(x.dtype), tuple(x.shape), np.asarray(jax.random.key_data(x)).tobytes(),
+                False)
+    host = np.asarray(x)
+    return (str(host.dtype), tuple(host.shape), host.tobytes(),
+            bool(getattr(x, "weak_type", False)))
+
+
+def assert_trees_identical(got: Any, want: Any, what: str = "trees") -> None:
+    """Asserts equal tree structures and every leaf with the same dtype, shape, weak type and
+    bytes (NaN payloads and the sign of zero included; PRNG keys by their key data)."""
+    chex.assert_trees_all_equal_structs(got, want)
+    for path, g, w in zip(_paths(got), jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert _bits(g) == _bits(w), f"{what}: leaf {path} differs"
+
+
+# --- Optax parity --------------------------------------------------------------------------
 
 
 def params(*, seed: int):
@@ -45,6 +118,7 @@ CURVATURE = {"w": 1.0, "b": 0.02, "s": 3.0}
 
 
 def grads(params, noise):
+    """The gradient of a per-leaf quadratic around 0.3 plus ``0.1 * noise``."""
     return {k: CURVATURE[k] * (params[k] - 0.3) + 0.1 * noise[k] for k in params}
 
 
@@ -63,19 +137,3 @@ def run_pair(ours, theirs, params, noise):
         return p, s
 
     return run(ours), run(theirs)
-
-
-def assert_trees_close(got, want, what, *, rtol=RTOL, atol=ATOL, check_dtype=True):
-    """Same number of leaves, each close to its counterpart (compared in float32); with
-    ``check_dtype`` the leaf dtypes must also match."""
-    got_leaves = jax.tree_util.tree_flatten_with_path(got)[0]
-    want_leaves = jax.tree.leaves(want)
-    assert len(got_leaves) == len(want_leaves), what
-    for (path, g), w in zip(got_leaves, want_leaves):
-        if check_dtype:
-            assert jnp.result_type(g) == jnp.result_type(w), f"{what} dtype at {path}"
-        np.testing.assert_allclose(
-            np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=rtol, atol=atol,
-            equal_nan=False,
-            err_msg=f"{what} at {jax.tree_util.keystr(path)}",
-        )

@@ -2,6 +2,7 @@
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,10 +97,9 @@ def test_closed_forms_at_boundaries():
 
 
 def test_jitted_schedule_does_not_recompile():
-    sched = jax.jit(S.warmup_cosine_decay(0.0, 1.0, 5, 50))
+    sched = jax.jit(chex.assert_max_traces(S.warmup_cosine_decay(0.0, 1.0, 5, 50), n=1))
     for t in range(3):
         sched(jnp.int32(t))
-    assert sched._cache_size() == 1
 
 
 def test_reachable_and_optax_aliases():

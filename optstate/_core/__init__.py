@@ -1,5 +1,12 @@
-"""The kernel every other package builds on: the transform protocol, tree checks, numerics,
-the one view of a state leaf and every JAX-version probe (``_compat``).
+"""The kernel every other package builds on.
+
+* ``base``: the transform protocol (``GradientTransformation``, ``EmptyState``,
+  ``init_empty_state``, ``identity``, ``set_to_zero``, ``chain``, ``apply_updates``).
+* ``types``: the type names (``PyTree``, ``Params``, ``OptState``, ``MaskOrFn``, ...).
+* ``tree_checks``: structure checks whose errors name the leaf path.
+* ``numerics``: the step counter (``safe_increment``), moments, norms.
+* ``leaves``: the one view of a state leaf (Flax boxes, path names, NamedTuple fields).
+* ``_compat``: every JAX-version probe; ``version``: the package version.
 
 Depends on nothing else in optstate.
 """

@@ -1,5 +1,10 @@
 """The gradient-transformation protocol: ``init``/``update`` pairs over pytree state.
 
+Holds :class:`GradientTransformation`, :class:`EmptyState` and :func:`init_empty_state`, the
+trivial transforms (:func:`identity`, :func:`set_to_zero`), the combinators :func:`chain` and
+:func:`named_chain`, :func:`apply_updates`, and :func:`with_extra_args_support`, which lets a
+foreign transform take part in a chain.
+
 The shapes of these objects match Optax's exactly, so that ``flax.nnx.Optimizer``, Linen's
 ``TrainState``, Equinox and Optax's own combinators accept optstate transforms unchanged.
 """
@@ -14,19 +19,33 @@ import jax.numpy as jnp
 
 from optstate._core.tree_checks import check_same_tree
 
-PyTree = Any
-Params = PyTree
-Updates = PyTree
-OptState = PyTree
-ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
-Schedule = Callable[[jax.Array], jax.Array]
+# Re-exported (see __all__): other packages import these names from here; their home is
+# types.py.
+from optstate._core.types import (
+    OptState,
+    Params,
+    PyTree,
+    ScalarOrSchedule,
+    Schedule,
+    Updates,
+)
+
+__all__ = [
+    "EmptyState", "GradientTransformation", "OptState", "Params", "PyTree", "ScalarOrSchedule",
+    "Schedule", "TransformInitFn", "TransformUpdateFn", "Updates", "apply_updates", "chain",
+    "identity", "init_empty_state", "named_chain", "set_to_zero", "with_extra_args_support",
+]
 
 
 class TransformInitFn(Protocol):
+    """``init(params) -> state``: builds the state of a transform from the parameters."""
+
     def __call__(self, params: Params) -> OptState: ...
 
 
 class TransformUpdateFn(Protocol):
+    """``update(updates, state, params=None, **extra_args) -> (updates, state)``."""
+
     def __call__(
         self, updates: Updates, state: OptState, params: Params | None = None, **extra_args: Any
     ) -> tuple[Updates, OptState]: ...
@@ -49,7 +68,21 @@ class EmptyState(NamedTuple):
     """The state of a stateless transform."""
 
 
+def init_empty_state(params: Params) -> EmptyState:
+    """The ``init`` of every stateless transform: ignores ``params``, returns ``EmptyState()``.
+
+    Args:
+      params: the parameters (unused).
+
+    Returns:
+      ``EmptyState()``, a pytree with no leaves.
+    """
+    del params
+    return EmptyState()
+
+
 def _accepts_extra_args(update_fn: Callable[..., Any]) -> bool:
+    """Whether ``update_fn`` declares ``**kwargs`` (``False`` when it has no signature)."""
     try:
         signature = inspect.signature(update_fn)
     except (TypeError, ValueError):
@@ -59,7 +92,15 @@ def _accepts_extra_args(update_fn: Callable[..., Any]) -> bool:
 
 def with_extra_args_support(tx: GradientTransformation) -> GradientTransformation:
     """Wraps ``tx`` (optstate's or a foreign one, e.g. Optax's) so that its ``update``
-    accepts and ignores keyword arguments it does not declare."""
+    accepts and ignores keyword arguments it does not declare.
+
+    Args:
+      tx: any gradient transformation.
+
+    Returns:
+      ``tx`` itself (as a :class:`GradientTransformation`) when its ``update`` already takes
+      ``**extra_args``, else a transform with the same ``init`` whose ``update`` drops them.
+    """
     if _accepts_extra_args(tx.update):
         return GradientTransformation(tx.init, tx.update)
 
@@ -71,38 +112,50 @@ def with_extra_args_support(tx: GradientTransformation) -> GradientTransformatio
 
 
 def identity() -> GradientTransformation:
-    """The transform that returns its updates unchanged: ``u <- u``."""
+    """The transform that returns its updates unchanged: ``u <- u``.
 
-    def init(params):
-        del params
-        return EmptyState()
+    Returns:
+      A stateless :class:`GradientTransformation`.
+    """
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         return updates, state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init_empty_state, update)
 
 
 def set_to_zero() -> GradientTransformation:
-    """The transform that zeroes its updates, ``u <- 0`` (freezes parameters)."""
+    """The transform that zeroes its updates, ``u <- 0`` (freezes parameters).
 
-    def init(params):
-        del params
-        return EmptyState()
+    Returns:
+      A stateless :class:`GradientTransformation`.
+    """
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         return jax.tree.map(jnp.zeros_like, updates), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init_empty_state, update)
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
-    """Applies ``transforms`` in sequence: ``u <- t_n(...t_2(t_1(u)))``.
+    r"""Applies ``transforms`` in sequence.
 
-    The state is a tuple with one entry per transform. Keyword arguments reach every
-    transform; foreign transforms (Optax's) that do not accept them are wrapped.
+    .. math:: u \leftarrow t_n(\dots t_2(t_1(u)))
+
+    Keyword arguments reach every transform; foreign transforms (Optax's) that do not accept
+    them are wrapped (:func:`with_extra_args_support`).
+
+    Args:
+      *transforms: the transforms, first applied first.
+
+    Returns:
+      A :class:`GradientTransformation` whose state is a tuple with one entry per transform
+      (the layout of ``optax.chain``).
+
+    Raises:
+      ValueError: at ``update``, the state tuple has the wrong number of entries.
     """
     wrapped = tuple(with_extra_args_support(t) for t in transforms)
 
@@ -125,7 +178,17 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 
 def named_chain(*named_transforms: tuple[str, GradientTransformation]) -> GradientTransformation:
-    """Like :func:`chain`, with the state a dict keyed by the given names."""
+    """Like :func:`chain`, with the state a dict keyed by the given names.
+
+    Args:
+      *named_transforms: ``(name, transform)`` pairs, applied in the order given.
+
+    Returns:
+      A :class:`GradientTransformation` whose state is ``{name: state of that transform}``.
+
+    Raises:
+      ValueError: two names are equal, or (at ``update``) the state lacks a name.
+    """
     names = [name for name, _ in named_transforms]
     if len(set(names)) != len(names):
         raise ValueError(f"named_chain: names must be unique, got {names}.")
@@ -146,9 +209,20 @@ def named_chain(*named_transforms: tuple[str, GradientTransformation]) -> Gradie
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:
-    """Returns ``p + u`` for every leaf, cast back to the parameter's dtype.
+    r"""Returns ``p + u`` for every leaf, cast back to the parameter's dtype.
 
-    ``None`` parameters (e.g. from a partitioned tree) are kept as ``None``.
+    .. math:: p \leftarrow \mathrm{cast}_{\mathrm{dtype}(p)}(p + u)
+
+    Args:
+      params: the parameters; ``None`` leaves (e.g. from a partitioned tree) stay ``None``.
+      updates: a tree like ``params`` (the output of a transform's ``update``).
+
+    Returns:
+      The new parameters, each leaf in its old dtype.
+
+    Raises:
+      ValueError: ``updates`` differs from ``params`` in structure or in a leaf's shape
+        (naming the leaf path).
     """
     check_same_tree(updates, params, name="updates", reference_name="params",
                     context="apply_updates")

@@ -1,6 +1,10 @@
-"""Small numeric and tree helpers shared by the building blocks.
+"""Small numeric and tree helpers shared by the building blocks and wrappers.
 
-Everything here is pure ``jax.numpy``; nothing allocates state or holds arrays.
+The step counter (:func:`zero_count`, :func:`safe_increment`: THE counter increment of every
+transform and wrapper), tree-wide zeros, casts, the exponential moving average and its bias
+correction, norms whose gradients stay finite at zero, and the argument checks that several
+transforms share. Everything here is pure ``jax.numpy``; nothing allocates state or holds
+arrays.
 """
 
 from __future__ import annotations
@@ -11,8 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from optstate._core.tree_checks import check_same_tree
-
-PyTree = Any
+from optstate._core.types import PyTree
 
 
 def is_none(x: Any) -> bool:
@@ -68,13 +71,6 @@ def full_like(tree: PyTree, value: Any, dtype: Any = None) -> PyTree:
     return jax.tree.map(lambda x: jnp.full_like(x, value, dtype=dtype), tree)
 
 
-def cast_tree(tree: PyTree, dtype: Any) -> PyTree:
-    """Casts every leaf of ``tree`` to ``dtype``; ``dtype=None`` leaves the tree unchanged."""
-    if dtype is None:
-        return tree
-    return jax.tree.map(lambda x: None if x is None else x.astype(dtype), tree, is_leaf=is_none)
-
-
 def cast_like(tree: PyTree, reference: PyTree) -> PyTree:
     """Casts every leaf of ``tree`` to the dtype of the matching leaf of ``reference``."""
     return jax.tree.map(
@@ -90,6 +86,18 @@ def ema(updates: PyTree, moments: PyTree, decay: Any, order: int) -> PyTree:
 
     A ``None`` update (a frozen leaf) leaves its moment unchanged, so the state keeps its
     structure.
+
+    Args:
+      updates: the gradients :math:`g` (``None`` leaves allowed).
+      moments: the running averages :math:`m`, a tree like ``updates``.
+      decay: :math:`\beta`.
+      order: :math:`k` (1: first moment, 2: second moment).
+
+    Returns:
+      The new moments, in the promoted dtype of ``g`` and ``m`` (callers cast them back).
+
+    Reference: Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015,
+    Algorithm 1.
     """
 
     def one(g, m):
@@ -106,7 +114,16 @@ def bias_correction(moment: PyTree, decay: Any, count: jax.Array) -> PyTree:
 
     .. math:: \hat m = m / (1 - \beta^{t})
 
-    Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015, section 3.
+    Args:
+      moment: the moving average :math:`m` (``None`` leaves pass through).
+      decay: :math:`\beta`.
+      count: :math:`t \ge 1`, the number of updates averaged so far.
+
+    Returns:
+      The corrected average, each leaf in its own dtype.
+
+    Reference: Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015,
+    section 3.
     """
     correction = 1 - decay**count
 
@@ -119,7 +136,14 @@ def bias_correction(moment: PyTree, decay: Any, count: jax.Array) -> PyTree:
 
 
 def global_norm(tree: PyTree) -> jax.Array:
-    r"""The Euclidean norm of all leaves together, :math:`\sqrt{\sum_i \|x_i\|_2^2}`."""
+    r"""The Euclidean norm of all leaves together, :math:`\sqrt{\sum_i \|x_i\|_2^2}`.
+
+    Args:
+      tree: a pytree of arrays (real or complex).
+
+    Returns:
+      A scalar; ``0.0`` (``float32``) for a tree without leaves.
+    """
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros((), jnp.float32)
@@ -132,6 +156,13 @@ def safe_norm(x: jax.Array, min_norm: Any) -> jax.Array:
 
     The norm is computed on ``x`` replaced by ones wherever the true norm is below the floor,
     so that the untaken branch never differentiates ``sqrt`` at zero.
+
+    Args:
+      x: an array.
+      min_norm: the floor.
+
+    Returns:
+      A scalar.
     """
     norm = jnp.linalg.norm(x)
     below = norm <= min_norm
@@ -140,7 +171,15 @@ def safe_norm(x: jax.Array, min_norm: Any) -> jax.Array:
 
 
 def safe_rms(x: jax.Array, min_rms: Any) -> jax.Array:
-    r"""``max(sqrt(mean(x^2)), min_rms)`` whose gradient is finite at ``x = 0``."""
+    r"""``max(sqrt(mean(x^2)), min_rms)`` whose gradient is finite at ``x = 0``.
+
+    Args:
+      x: an array.
+      min_rms: the floor (as in :func:`safe_norm`).
+
+    Returns:
+      A scalar.
+    """
     rms = jnp.sqrt(jnp.mean(jnp.square(x)))
     below = rms <= min_rms
     masked = jnp.where(below, jnp.ones_like(x), x)

@@ -21,6 +21,7 @@ def leaf_paths(tree: Any) -> list[str]:
 
 
 def _first_difference(given: list[str], expected: list[str]) -> str:
+    """Describes the first place two lists of leaf paths part (for error messages)."""
     for g, e in zip(given, expected):
         if g != e:
             return f"first difference: leaf {g!r} where {e!r} was expected"
@@ -34,6 +35,12 @@ def _first_difference(given: list[str], expected: list[str]) -> str:
 def check_same_tree(tree: Any, reference: Any, *, name: str = "updates",
                     reference_name: str = "params", context: str = "") -> None:
     """Raises if ``tree`` and ``reference`` differ in structure or in any leaf's shape.
+
+    Args:
+      tree: the tree to check (e.g. the updates).
+      reference: the tree it must match (e.g. the parameters or a state field).
+      name, reference_name: how the two trees are called in the message.
+      context: the transform's name, prefixed to the message.
 
     Raises:
       ValueError: the structures differ (naming the first differing path and both
@@ -61,7 +68,11 @@ def check_same_tree(tree: Any, reference: Any, *, name: str = "updates",
 
 
 def check_floating(tree: Any, *, name: str = "updates", context: str = "") -> None:
-    """Raises ``TypeError`` naming the first leaf of ``tree`` whose dtype is not floating."""
+    """Raises ``TypeError`` naming the first leaf of ``tree`` whose dtype is not floating.
+
+    Args:
+      tree: the tree to check; ``name`` and ``context`` are used in the message.
+    """
     where = f"{context}: " if context else ""
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         dtype = jnp.result_type(leaf)

@@ -1,36 +1,30 @@
-"""The ``optstate`` command line: one subcommand per module in ``_COMMAND_MODULES``.
+"""The ``optstate`` command line: one subcommand per module in :data:`COMMANDS`.
 
-Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and
-``main(args) -> int``.
+Each command module defines ``NAME`` (the subcommand), ``HELP`` (one line for ``--help``),
+``add_arguments(parser)`` and ``main(args) -> int`` (the exit code: 0, 1 when the command
+cannot run, 2 for a user error). What the commands share lives beside them: argument types
+and error reporting in :mod:`optstate.cli.args`, the text table in :mod:`optstate.cli.table`.
+
+The console script ``optstate`` and ``python -m optstate`` both call :func:`main`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
-import sys
 
-_COMMAND_MODULES = (
-    "optstate.cli.compare",
-    "optstate.cli.bench",
-    "optstate.cli.stall_model",
-    "optstate.cli.inspect",
-)
+from optstate.cli import bench, compare, inspect, stall_model
 
-
-def _available_commands():
-    for module_name in _COMMAND_MODULES:
-        if importlib.util.find_spec(module_name) is not None:
-            yield importlib.import_module(module_name)
+COMMANDS = (compare, bench, stall_model, inspect)
+"""The command modules, in the order ``optstate --help`` lists them."""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``optstate`` parser, with one subparser per module of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="optstate", description="Optimizer state: formats, staleness, memory, checkpoints."
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in _available_commands():
+    for module in COMMANDS:
         sub = subparsers.add_parser(module.NAME, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
         sub.set_defaults(_main=module.main)
@@ -38,9 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command that ``argv`` (default: ``sys.argv[1:]``) names; returns its exit code."""
     args = build_parser().parse_args(argv)
     return int(args._main(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

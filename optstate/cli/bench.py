@@ -4,18 +4,33 @@ The parameters are a tree of square float32 matrices with random gradients. Each
 update step is jitted with the parameters and the state donated; its peak memory is XLA's
 compiled memory analysis and its step time the median of steps timed round-robin with the
 others (``optstate.tasks.timing``), so that machine noise hits every row alike. The reference is
-Optax's fp32 ``adamw``; Optax is imported only here.
+Optax's fp32 ``adamw``; Optax is imported only here, and only when the benchmark runs (it is
+not a dependency of optstate).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from typing import Any
 
-from optstate.cli.compare import positive_int
-from optstate.tasks.configs import ConfigError, StateConfig, accepted_names_text, parse_configs
+import jax
+import jax.numpy as jnp
+
+import optstate
+from optstate.cli.args import fail, positive_int, split_names
+from optstate.cli.table import format_table
+from optstate.memory import compiled_memory, state_bytes
+from optstate.tasks.configs import (
+    ConfigError,
+    Hyperparameters,
+    StateConfig,
+    accepted_names_text,
+    adamw_with_state,
+    parse_config,
+    parse_configs,
+)
+from optstate.tasks.timing import time_interleaved
 
 NAME = "bench"
 HELP = "Step time and peak memory of AdamW with each state format, against Optax's fp32 AdamW."
@@ -39,12 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _selected(names: list[str] | None) -> list[StateConfig]:
     if names is None:
-        from optstate.tasks.configs import parse_config
-
         configs = [parse_config(name) for name in DEFAULT_CONFIGS]
         return [config for config in configs if not config.missing()]
-    split = [part.strip() for name in names for part in name.split(",") if part.strip()]
-    return parse_configs(split)
+    return parse_configs(split_names(names))
 
 
 def _import_optax() -> Any:
@@ -59,11 +71,6 @@ class _Runner:
     """One optimizer's live parameters and state; each call runs one donated update step."""
 
     def __init__(self, tx: Any, params: Any, grads: Any):
-        import jax
-        import jax.numpy as jnp
-
-        import optstate
-
         def step(p, state, g):
             updates, state = tx.update(g, state, p)
             return optstate.apply_updates(p, updates), state
@@ -74,16 +81,11 @@ class _Runner:
         self.grads = grads
 
     def __call__(self) -> None:
-        import jax
-
         self.params, self.state = self.step(self.params, self.state, self.grads)
         jax.block_until_ready((self.params, self.state))
 
 
 def _tree(leaves: int, side: int, seed: int) -> dict[str, Any]:
-    import jax
-    import jax.numpy as jnp
-
     keys = jax.random.split(jax.random.key(seed), leaves)
     return {f"w{i}": jax.random.normal(k, (side, side), jnp.float32) for i, k in enumerate(keys)}
 
@@ -91,11 +93,6 @@ def _tree(leaves: int, side: int, seed: int) -> dict[str, Any]:
 def run_bench(optax: Any, configs: list[StateConfig], leaves: int, side: int,
               repeats: int) -> list[dict[str, Any]]:
     """Measures every configuration and Optax's AdamW; returns one row per optimizer."""
-    from optstate import inspect as state_inspect
-    from optstate.memory import compiled_memory
-    from optstate.tasks.timing import time_interleaved
-    from optstate.tasks.configs import Hyperparameters, adamw_with_state
-
     hyper = Hyperparameters()
     params, grads = _tree(leaves, side, 0), _tree(leaves, side, 1)
     count = leaves * side * side
@@ -108,7 +105,7 @@ def run_bench(optax: Any, configs: list[StateConfig], leaves: int, side: int,
     for name, runner in runners.items():
         memory = compiled_memory(runner.step, runner.params, runner.state, runner.grads)
         rows.append({"name": name, "peak_bytes": memory.peak,
-                     "state_bytes_per_param": state_inspect.state_bytes(runner.state) / count})
+                     "state_bytes_per_param": state_bytes(runner.state) / count})
     timings = time_interleaved(runners, repeats=repeats, warmup=2)
     reference = statistics.median(timings[OPTAX_ROW])
     for row in rows:
@@ -117,17 +114,15 @@ def run_bench(optax: Any, configs: list[StateConfig], leaves: int, side: int,
     return rows
 
 
-def format_rows(rows: list[dict[str, Any]], count: int) -> str:
-    """The benchmark table."""
+def results_table(rows: list[dict[str, Any]], count: int) -> str:
+    """The benchmark's rows (from :func:`run_bench`) as a text table under a title line that
+    gives the number ``count`` of parameters."""
     header = ("optimizer (AdamW)", "state B/param", "peak MiB", "step ms", "time vs optax")
-    lines = [header] + [(
+    cells = [(
         row["name"], f"{row['state_bytes_per_param']:.2f}", f"{row['peak_bytes'] / MIB:.1f}",
         f"{row['step_seconds'] * 1e3:.2f}", f"{row['ratio']:.2f}x") for row in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                      enumerate(zip(line, widths))) for line in lines]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    return f"AdamW update step on {count / 1e6:.2f}M parameters\n" + "\n".join(text)
+    return (f"AdamW update step on {count / 1e6:.2f}M parameters\n"
+            + format_table(cells, header))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -135,19 +130,14 @@ def main(args: argparse.Namespace) -> int:
     try:
         configs = _selected(args.configs)
     except ConfigError as error:
-        print(f"optstate {NAME}: error: {error}", file=sys.stderr)
-        return 2
+        return fail(NAME, str(error), 2)
     optax = _import_optax()
     if optax is None:
-        print(f"optstate {NAME}: error: the benchmark compares against Optax, which is not "
-              "installed; install it with `pip install optax` (or `pip install -e .[dev]`).",
-              file=sys.stderr)
-        return 1
-    import jax
-
+        return fail(NAME, "the benchmark compares against Optax, which is not installed; "
+                    "install it with `pip install optax` (or `pip install -e .[dev]`).", 1)
     rows = run_bench(optax, configs, args.leaves, args.side, args.repeats)
     device = jax.devices()[0]
-    print(format_rows(rows, args.leaves * args.side**2))
+    print(results_table(rows, args.leaves * args.side**2))
     print(f"donated update steps, {args.repeats} interleaved repeats, median; peak memory from "
           f"XLA's analysis; device {device.platform} ({device.device_kind})")
     return 0

@@ -2,7 +2,8 @@
 
 Writes ``results.json``, ``loss_curves.png`` and ``memory_quality.png`` into ``--out`` and
 prints a table: state bytes per parameter, peak step memory, step time relative to fp32,
-final train and held-out loss, and the held-out loss gap to fp32.
+final train and held-out loss, and the held-out loss gap to fp32. The training and the files
+are :mod:`optstate.tasks`'s; this module reads the command line and prints.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
+from optstate.cli.args import UsageError, fail, integer, positive_int, split_names, unit_interval
+from optstate.cli.table import format_table
 from optstate.tasks.configs import (
     DEFAULT_CONFIGS,
     REFERENCE,
@@ -34,38 +38,8 @@ DEFAULT_STEPS = 300
 QUICK_STEPS = 100
 DEFAULT_TIMING_REPEATS = 10
 QUICK_TIMING_REPEATS = 5
-
-
-class UsageError(Exception):
-    """A user error reported as one line and exit code 2."""
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a positive integer."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value}")
-    return value
+MIB = 2**20
+DEMO_PACKAGES = ("flax", "matplotlib", "tqdm")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,9 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"a short run ({QUICK_STEPS} steps, fewer timing repeats)")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                         help=f"directory for results.json and the plots (default ./{DEFAULT_OUT})")
-    parser.add_argument("--seed", type=_int, default=0,
+    parser.add_argument("--seed", type=integer, default=0,
                         help="seed of the initial parameters and the batch order (default 0)")
-    parser.add_argument("--b2", type=_unit_interval, default=Hyperparameters().b2,
+    parser.add_argument("--b2", type=unit_interval, default=Hyperparameters().b2,
                         help="Adam's second-moment decay (default %(default)s, a 100-step memory "
                         "that fits the short runs; Adam's usual 0.999 remembers 1000 steps)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -100,10 +74,10 @@ def selected_configs(names: list[str] | None) -> list[StateConfig]:
     parse_configs([REFERENCE])
     if names is None:
         return available_defaults()
-    split = [part for name in names for part in name.split(",") if part.strip()]
+    split = split_names(names)
     if not split:
         raise ConfigError(f"--configs given without names; {accepted_names_text()}.")
-    return parse_configs([name.strip() for name in split])
+    return parse_configs(split)
 
 
 def prepare_out(out: str) -> Path:
@@ -125,14 +99,6 @@ def prepare_out(out: str) -> Path:
     return path
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"optstate {NAME}: error: {message}", file=sys.stderr)
-    return code
-
-
-DEMO_PACKAGES = ("flax", "matplotlib", "tqdm")
-
-
 def missing_demo_packages() -> list[str]:
     """Those of :data:`DEMO_PACKAGES` (the ``demo`` extra) that are not installed."""
     return [name for name in DEMO_PACKAGES if importlib.util.find_spec(name) is None]
@@ -142,8 +108,8 @@ def main(args: argparse.Namespace) -> int:
     """Runs the comparison; returns the exit code (2 for user errors)."""
     missing = missing_demo_packages()
     if missing:
-        return _fail(f"the comparison needs {', '.join(missing)} (install them with "
-                     "`pip install 'optstate[demo]'`).", 1)
+        return fail(NAME, f"the comparison needs {', '.join(missing)} (install them with "
+                    "`pip install 'optstate[demo]'`).", 1)
     steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
     hyper = Hyperparameters(b2=args.b2)
     try:
@@ -151,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
         periods = {c.name: reset_period(c, hyper) for c in configs}  # fail now, not after fp32
         out = prepare_out(args.out)
     except (ConfigError, UsageError) as error:
-        return _fail(str(error), 2)
+        return fail(NAME, str(error), 2)
     if args.configs is None:
         configs = _drop_idle_resets(configs, periods, steps)
     return _run(args, configs, hyper, steps, out)
@@ -174,6 +140,8 @@ def _drop_idle_resets(configs: list[StateConfig], periods: dict[str, int | None]
 
 def _run(args: argparse.Namespace, configs: list[StateConfig], hyper: Hyperparameters,
          steps: int, out: Path) -> int:
+    # The task needs the demo extra (Flax, Matplotlib, tqdm): imported only once main has
+    # checked that it is installed, so that a missing package is a one-line error.
     from optstate.tasks import compare, report
     from optstate.tasks.stdlib_text import load_corpus
     from optstate.tasks.training import TrainConfig
@@ -183,7 +151,7 @@ def _run(args: argparse.Namespace, configs: list[StateConfig], hyper: Hyperparam
     try:
         corpus = load_corpus()
     except OSError as error:
-        return _fail(str(error), 1)
+        return fail(NAME, str(error), 1)
     tokens = train_config.batch_size * train_config.model.seq_len
 
     def progress(config: StateConfig, total: int) -> report.RunProgress:
@@ -195,10 +163,29 @@ def _run(args: argparse.Namespace, configs: list[StateConfig], hyper: Hyperparam
     try:
         paths = report.write_outputs(results, out)
     except OSError as error:
-        return _fail(f"cannot write results to --out {str(out)!r}: {error.strerror or error}.", 2)
+        return fail(NAME, f"cannot write results to --out {str(out)!r}: "
+                    f"{error.strerror or error}.", 2)
     print("\n".join(report.summary_lines(results)))
     print()
-    print(report.format_table(results))
+    print(results_table(results))
     print()
     print("wrote " + ", ".join(os.fspath(p) for p in paths))
     return 0
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The comparison (``results`` as written to ``results.json``) as a text table, one row
+    per configuration."""
+    header = ("config", "state B/param", "step peak MiB", "update peak MiB", "time vs fp32",
+              "train loss", "held-out loss", "gap vs fp32")
+    rows = [(
+        record["name"],
+        f"{record['state_bytes_per_param']:.2f}",
+        f"{record['peak_step_memory_bytes'] / MIB:.1f}",
+        f"{record['peak_update_memory_bytes'] / MIB:.1f}",
+        f"{record['step_time_ratio_to_fp32']:.2f}x",
+        f"{record['final_train_loss']:.4f}",
+        f"{record['final_heldout_loss']:.4f}",
+        f"{record['loss_gap_to_fp32']:+.4f}",
+    ) for record in results["configs"].values()]
+    return format_table(rows, header)

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
+
+from optstate import checkpoint
+from optstate.cli.table import format_table
 
 NAME = "inspect"
 HELP = "Show a checkpoint directory: steps, and per leaf path, shape, format, bytes; metadata."
@@ -43,23 +47,23 @@ def rows(description: dict[str, Any]) -> list[dict[str, Any]]:
         if group is None:
             shape = leaf["shape"]
             out.append({"path": leaf["path"], "shape": shape, "format": leaf["format"],
-                        "bytes": leaf["nbytes"], "elements": _prod(shape)})
+                        "bytes": leaf["nbytes"], "elements": math.prod(shape)})
         elif group["path"] not in seen:
             seen.add(group["path"])
             shape = group.get("shape") or []
             out.append({
                 "path": group["path"], "shape": shape, "format": group["fmt"],
                 "bytes": sum(leaves[i]["nbytes"] for i in group["leaves"]),
-                "elements": _prod(shape),
+                "elements": math.prod(shape),
             })
     return out
 
 
-def _prod(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
+def leaf_table(table: list[dict[str, Any]]) -> str:
+    """The rows of :func:`rows` as a text table: path, shape, format, bytes."""
+    cells = [(r["path"] or "<root>", _shape_text(r["shape"]), r["format"], str(r["bytes"]))
+             for r in table]
+    return format_table(cells, header=("path", "shape", "format", "bytes"), align="<<<>")
 
 
 def _human(n: int) -> str:
@@ -77,24 +81,22 @@ def _shape_text(shape: list[int]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Prints the description; returns 0, or 1 if there is no readable checkpoint to show."""
-    from optstate import checkpoint
-
     directory = args.directory
     try:
         steps = checkpoint.all_steps(directory)
     except checkpoint.CheckpointError as e:
-        print(f"optstate inspect: {e}", file=sys.stderr)
+        print(f"optstate {NAME}: {e}", file=sys.stderr)
         return 1
     pending = checkpoint.incomplete_saves(directory)
     if not steps:
-        print(f"optstate inspect: no complete checkpoint in {directory!r}"
+        print(f"optstate {NAME}: no complete checkpoint in {directory!r}"
               + (f" ({len(pending)} incomplete save(s) ignored)" if pending else "") + ".",
               file=sys.stderr)
         return 1
     try:
         description = checkpoint.describe(directory, args.step)
     except checkpoint.CheckpointError as e:
-        print(f"optstate inspect: {e}", file=sys.stderr)
+        print(f"optstate {NAME}: {e}", file=sys.stderr)
         return 1
     table = rows(description)
     total = sum(r["bytes"] for r in table)
@@ -115,17 +117,7 @@ def main(args: argparse.Namespace) -> int:
           f"), checkpoint format {description['format_version']}, checksums "
           f"{description.get('checksum', '?')}")
     print()
-    headers = ("path", "shape", "format", "bytes")
-    body = [(r["path"] or "<root>", _shape_text(r["shape"]), r["format"], str(r["bytes"]))
-            for r in table]
-    widths = [max([len(h)] + [len(row[i]) for row in body]) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(  # noqa: E731
-        c.rjust(w) if i == 3 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
-    ).rstrip()
-    print(line(headers))
-    print(line(tuple("-" * w for w in widths)))
-    for row in body:
-        print(line(row))
+    print(leaf_table(table))
     print()
     print(f"total: {len(table)} leaves, {elements} elements, {total} bytes ({_human(total)})")
     metadata = description.get("metadata") or {}

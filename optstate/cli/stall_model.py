@@ -2,15 +2,19 @@
 
 Prints the precision ratio, the steady-state stall probabilities under nearest and stochastic
 rounding, the reset period and the startup windows (Topollai & Choromanska, arXiv 2603.16731,
-2026), from :mod:`optstate.staleness`.
+2026), from :mod:`optstate.staleness`; ``--json`` prints the same numbers as one object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import textwrap
 from typing import Any
+
+from optstate import staleness
+from optstate.cli.args import fail
+from optstate.cli.table import format_table
 
 NAME = "stall-model"
 HELP = ("Stall model of a low-precision EMA (Topollai & Choromanska 2026): precision ratio, "
@@ -45,8 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def compute(fmt: Any, b2: float, s0: float = 0.6, p0s: Any = _DEFAULT_P0,
             p_init: float = 0.0) -> dict[str, Any]:
     """The numbers that :func:`main` prints, as a dict (``startup_windows``: P0 -> j or None)."""
-    from optstate import staleness
-
     spec = staleness.float_format(fmt)
     return {
         "format": spec.name,
@@ -69,20 +71,29 @@ def main(args: argparse.Namespace) -> int:
     try:
         out = compute(args.fmt, args.b2, args.s0, args.p0, args.p_init)
     except (ValueError, TypeError) as err:
-        print(f"optstate stall-model: error: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
-    print(f"stall model (Topollai & Choromanska, arXiv 2603.16731): format {out['format']} "
-          f"({out['mantissa_bits']} mantissa bits), b2={out['b2']:g}, s0={out['s0']:g}")
-    print(f"  precision ratio rho              {out['precision_ratio']:.6g}")
-    print(f"  stall probability, nearest       {out['stall_nearest']:.6f}  (steady state)")
-    print(f"  stall probability, stochastic    {out['stall_stochastic']:.6f}  (steady state)")
-    print(f"  reset period K*                  {out['reset_period']} steps")
-    floor = f", floor p_init={out['p_init']:g}" if out["p_init"] else ""
-    print(f"  startup windows (nearest rounding, steps after a zero start or reset{floor}):")
-    for p, j in out["startup_windows"].items():
-        shown = f"{j} steps" if j is not None else "never (above the steady state)"
-        print(f"    P0={float(p):<6g} {shown}")
+        return fail(NAME, str(err), 2)
+    print(json.dumps(out, indent=2) if args.json else text(out))
     return 0
+
+
+def text(out: dict[str, Any]) -> str:
+    """The human-readable form of :func:`compute`'s numbers: a title line, then two indented
+    tables (the steady-state quantities, and the startup window of each P0)."""
+    steady = format_table([
+        ("precision ratio rho", f"{out['precision_ratio']:.6g}"),
+        ("stall probability, nearest", f"{out['stall_nearest']:.6f}  (steady state)"),
+        ("stall probability, stochastic", f"{out['stall_stochastic']:.6f}  (steady state)"),
+        ("reset period K*", f"{out['reset_period']} steps"),
+    ], align="<<")
+    windows = format_table([
+        (f"P0={float(p):g}", f"{j} steps" if j is not None else "never (above the steady state)")
+        for p, j in out["startup_windows"].items()
+    ], align="<<")
+    floor = f", floor p_init={out['p_init']:g}" if out["p_init"] else ""
+    return "\n".join([
+        f"stall model (Topollai & Choromanska, arXiv 2603.16731): format {out['format']} "
+        f"({out['mantissa_bits']} mantissa bits), b2={out['b2']:g}, s0={out['s0']:g}",
+        textwrap.indent(steady, "  "),
+        f"  startup windows (nearest rounding, steps after a zero start or reset{floor}):",
+        textwrap.indent(windows, "    "),
+    ])

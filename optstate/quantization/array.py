@@ -39,10 +39,8 @@ from typing import Any
 import jax
 import numpy as np
 
-#: Formats that store a leaf as a :class:`QuantizedArray` (``"fp32"`` leaves stay plain).
-QUANTIZED_FORMATS: tuple[str, ...] = ("int8", "int4", "fp8_e4m3", "fp8_e5m2", "bf16")
-#: Every format accepted by ``quantize_state``.
-FORMATS: tuple[str, ...] = QUANTIZED_FORMATS + ("fp32",)
+from optstate.quantization import formats
+from optstate.quantization.formats import StorageFormat
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -50,7 +48,7 @@ class QuantizedArray:
     """A floating array stored as low-precision ``codes`` plus per-block ``scales``.
 
     Children (arrays): ``codes``, ``scales``. Static metadata: ``fmt``, ``shape``, ``dtype``,
-    ``block_size``, ``nonneg``. ``dequantize(q)`` returns the logical array
+    ``block_size``, ``nonneg``. ``optstate.dequantize(q)`` returns the logical array
     ``x ≈ decode(codes) * scale`` of shape ``shape`` and dtype ``dtype``.
 
     The children may also be tracers, ``jax.ShapeDtypeStruct``s or shardings (e.g. in a tree of
@@ -64,6 +62,11 @@ class QuantizedArray:
     dtype: Any = dataclasses.field(metadata=dict(static=True))
     block_size: int = dataclasses.field(default=0, metadata=dict(static=True))
     nonneg: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    @property
+    def format(self) -> StorageFormat:
+        """The registered :class:`~optstate.quantization.formats.StorageFormat` of ``fmt``."""
+        return formats.get(self.fmt)
 
     @property
     def size(self) -> int:
@@ -103,24 +106,3 @@ jax.tree_util.register_dataclass(
 def is_quantized(x: Any) -> bool:
     """Whether ``x`` is a :class:`QuantizedArray` (use as ``is_leaf`` in tree maps)."""
     return isinstance(x, QuantizedArray)
-
-
-def dequantize(q: QuantizedArray) -> jax.Array:
-    """The logical array stored in ``q``: shape ``q.shape``, dtype ``q.dtype``.
-
-    ``int8``/``int4``: ``x = codebook[code] * absmax_block``; FP8: ``x = float(code) * scale``;
-    ``bf16``: ``x = float(code)``. Non-array inputs are returned unchanged as ``jnp`` arrays.
-    """
-    from optstate.quantization.block import dequantize_array
-
-    if not is_quantized(q):
-        import jax.numpy as jnp
-
-        return jnp.asarray(q)
-    return dequantize_array(q)
-
-
-def dequantize_tree(tree: Any) -> Any:
-    """Replaces every :class:`QuantizedArray` in ``tree`` by its dequantized array."""
-    return jax.tree.map(lambda x: dequantize(x) if is_quantized(x) else x, tree,
-                        is_leaf=is_quantized)

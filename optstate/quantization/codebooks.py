@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -189,89 +188,3 @@ INT8_SIGNED = dynamic_map(8, True)
 INT8_UNSIGNED = dynamic_map(8, False)
 INT4_SIGNED = dynamic_map(4, True)
 INT4_UNSIGNED = linear_map(4)
-
-
-def codebook(fmt: str, nonneg: bool) -> Codebook:
-    """The code book of an integer format (``"int8"`` or ``"int4"``) for signed or
-    non-negative state."""
-    if fmt == "int8":
-        return INT8_UNSIGNED if nonneg else INT8_SIGNED
-    if fmt == "int4":
-        return INT4_UNSIGNED if nonneg else INT4_SIGNED
-    raise ValueError(f"codebook: expected fmt 'int8' or 'int4', got {fmt!r}.")
-
-
-# -- floating-point grids (FP8, BF16) ---------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class FloatGrid:
-    """A floating-point storage type: ``mantissa_bits`` explicit fraction bits, smallest normal
-    exponent ``min_exponent`` and largest finite value ``max_finite``."""
-
-    dtype: str
-    mantissa_bits: int
-    min_exponent: int
-    max_finite: float
-
-    @property
-    def jnp_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def smallest_subnormal(self) -> float:
-        return 2.0 ** (self.min_exponent - self.mantissa_bits)
-
-    def round_stochastic(self, x: jax.Array, u: jax.Array) -> jax.Array:
-        """Unbiased stochastic rounding of float32 ``x`` onto this grid (result in float32,
-        exactly representable in ``dtype``): with ``s`` the grid spacing at ``|x|`` (``2**(e -
-        mantissa_bits)`` for ``|x|`` in ``[2**e, 2**(e+1))``, fixed below the smallest normal),
-        ``r = sign(x) * s * floor(|x| / s + u)``. Inputs must satisfy ``|x| <= max_finite``."""
-        x = x.astype(jnp.float32)
-        a = jnp.abs(x)
-        exponent = ((lax.bitcast_convert_type(a, jnp.int32) >> 23) & 0xFF) - 127
-        spacing_exp = jnp.maximum(exponent, self.min_exponent) - self.mantissa_bits
-        spacing_exp = jnp.maximum(spacing_exp, -126)
-        spacing = lax.bitcast_convert_type((spacing_exp + 127) << 23, jnp.float32)
-        inv_spacing = lax.bitcast_convert_type((127 - spacing_exp) << 23, jnp.float32)
-        r = jnp.floor(a * inv_spacing + u) * spacing
-        r = jnp.minimum(r, np.float32(self.max_finite))
-        return jnp.sign(x) * r
-
-
-E4M3 = FloatGrid("float8_e4m3fn", 3, -6, 448.0)
-E5M2 = FloatGrid("float8_e5m2", 2, -14, 57344.0)
-BF16 = FloatGrid("bfloat16", 7, -126, float(jnp.finfo(jnp.bfloat16).max))
-
-FLOAT_GRIDS = {"fp8_e4m3": E4M3, "fp8_e5m2": E5M2, "bf16": BF16}
-
-
-# -- uniform random numbers -------------------------------------------------------------------
-
-
-def _mix32(x: jax.Array) -> jax.Array:
-    """A 32-bit avalanche mixer (xor-shift-multiply rounds)."""
-    x = x ^ (x >> 16)
-    x = x * np.uint32(0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = x * np.uint32(0x846CA68B)
-    x = x ^ (x >> 16)
-    return x
-
-
-def uniform_from_counter(seed: jax.Array, shape: tuple[int, ...], offset: jax.Array | int = 0
-                         ) -> jax.Array:
-    """Uniform float32 numbers in ``[0, 1)`` (24-bit resolution) for elements
-    ``offset, offset + 1, ...`` (row-major over ``shape``) of a stream named by ``seed``
-    (``uint32[2]``).
-
-    A counter-based hash: element ``n`` of the stream is ``mix(mix(n + s0) ^ s1)``, so any chunk
-    of an array can be drawn on its own and the draws do not depend on how the array is
-    chunked. Cheap (a few integer operations per element), deterministic and reproducible.
-    """
-    size = math.prod(shape)
-    counter = lax.iota(jnp.uint32, size) + jnp.asarray(offset).astype(jnp.uint32)
-    h = _mix32(counter + seed[0])
-    h = _mix32(h ^ seed[1])
-    u = (h >> 8).astype(jnp.float32) * np.float32(2.0**-24)
-    return u.reshape(shape)

@@ -20,7 +20,7 @@ parameter of its class.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 from jax.extend import core as jex_core
@@ -145,11 +145,24 @@ class _UnionFind:
             self.parent[ra] = rb
 
 
+class Analysis(NamedTuple):
+    """What :func:`elementwise_owners` found.
+
+    Attributes:
+      owners: for each leaf of the state (flattened), the index of the parameter leaf whose
+        elements it follows element by element, or ``None`` for scalars and state that no
+        parameter's update reads; ``None`` as a whole when the update is not separable.
+      reason: why the update is not separable (``None`` when it is).
+    """
+
+    owners: list[int | None] | None
+    reason: str | None = None
+
+
 def elementwise_owners(update: Callable[..., Any], updates: Any, state: Any, params: Any,
-                       extra_args: dict[str, Any]) -> list[int | None] | None:
-    """For each leaf of ``state`` (flattened), the index of the parameter leaf whose elements
-    it follows element by element, or ``None`` for scalars and state that no parameter's update
-    reads. Returns ``None`` when the update is not separable per parameter and per element.
+                       extra_args: dict[str, Any]) -> Analysis:
+    """Whether ``update`` is separable per parameter and per element, and which parameter each
+    state leaf follows (see :class:`Analysis`).
 
     ``updates``, ``state`` and ``params`` may hold ``jax.ShapeDtypeStruct`` leaves; nothing is
     executed.
@@ -159,7 +172,7 @@ def elementwise_owners(update: Callable[..., Any], updates: Any, state: Any, par
     p_leaves, p_def = (None, None) if params is None else jax.tree.flatten(params)
     if p_leaves is not None and (len(p_leaves) != len(u_leaves) or any(
             tuple(p.shape) != tuple(u.shape) for p, u in zip(p_leaves, u_leaves))):
-        return None
+        return Analysis(None, "the params tree does not match the updates leaf by leaf")
     n_u, n_s = len(u_leaves), len(s_leaves)
 
     def flat_fn(*leaves):
@@ -173,15 +186,18 @@ def elementwise_owners(update: Callable[..., Any], updates: Any, state: Any, par
              u_leaves + s_leaves + ([] if p_leaves is None else p_leaves)]
     try:
         closed, out_shapes = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
-    except Exception:  # noqa: BLE001 - a transform that cannot be traced abstractly
-        return None
+    except Exception as error:  # noqa: BLE001 - any failure only means "not analysed"
+        # A transform that cannot be traced on abstract values (e.g. it reads a concrete value)
+        # still runs on the whole-tree path, where a genuine error surfaces as itself.
+        return Analysis(None, f"its update could not be traced abstractly "
+                              f"({type(error).__name__}: {str(error).splitlines()[0][:200]})")
     out_u, out_s = out_shapes
     if len(out_u) != n_u or len(out_s) != n_s:
-        return None
+        return Analysis(None, "its update changes the number of update or state leaves")
     if any(tuple(a.shape) != tuple(b.shape) for a, b in zip(out_u, u_leaves)):
-        return None
+        return Analysis(None, "its update changes the shape of an update leaf")
     if any(tuple(a.shape) != tuple(b.shape) for a, b in zip(out_s, s_leaves)):
-        return None
+        return Analysis(None, "its update changes the shape of a state leaf")
 
     in_labels: list[Label] = []
     for k, x in enumerate(u_leaves):
@@ -192,8 +208,8 @@ def elementwise_owners(update: Callable[..., Any], updates: Any, state: Any, par
         in_labels.append(frozenset({("p", k)}) if len(x.shape) else None)
     try:
         out_labels = _propagate(closed.jaxpr, closed.consts, in_labels)
-    except NotElementwise:
-        return None
+    except NotElementwise as error:
+        return Analysis(None, f"its update mixes elements ({error})")
 
     uf = _UnionFind()
     for k, lab in enumerate(out_labels[:n_u]):
@@ -210,7 +226,7 @@ def elementwise_owners(update: Callable[..., Any], updates: Any, state: Any, par
             continue
         root = uf.find(("p", k))
         if root in owner_of_class and owner_of_class[root] != k:
-            return None  # two parameters mixed
+            return Analysis(None, "its update mixes the state of two parameters")
         owner_of_class[root] = k
     owners: list[int | None] = []
     for s, x in enumerate(s_leaves):
@@ -219,6 +235,6 @@ def elementwise_owners(update: Callable[..., Any], updates: Any, state: Any, par
             continue
         k = owner_of_class.get(uf.find(("s", s)))
         if k is not None and tuple(x.shape) != tuple(u_leaves[k].shape):
-            return None
+            return Analysis(None, "a state leaf follows a parameter of another shape")
         owners.append(k)
-    return owners
+    return Analysis(owners)

@@ -16,16 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optstate._core.base import GradientTransformation, OptState, with_extra_args_support
-from optstate.staleness import (
-    _is_quantized_fn,
-    _stored_array,
-    _unchanged,
-    _unwrap,
-    _variable_types,
-)
-
-PyTree = Any
+from optstate._core.base import GradientTransformation, with_extra_args_support
+from optstate._core.leaves import field_names, unbox
+from optstate._core.types import OptState, PyTree
+from optstate.quantization.array import is_quantized
+from optstate.staleness.measure import is_state_leaf, stored_array, unchanged_count
 
 __all__ = ["reset_every_n", "adaptive_reset", "ResetEveryNState", "AdaptiveResetState"]
 
@@ -73,28 +68,13 @@ class AdaptiveResetState(NamedTuple):
 
 
 def _flatten(tree: PyTree):
-    """Leaves with paths; quantized arrays and Flax NNX ``Variable``s count as one leaf."""
-    is_q = _is_quantized_fn()
-    types = _variable_types()
-    return jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: x is None or is_q(x) or (bool(types) and isinstance(x, types)))
-
-
-def _names(path: tuple) -> set[str]:
-    names = set()
-    for key in path:
-        if isinstance(key, jax.tree_util.GetAttrKey):
-            names.add(key.name)
-        elif isinstance(key, jax.tree_util.DictKey) and isinstance(key.key, str):
-            names.add(key.key)
-    return names
-
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_state_leaf)
 
 def _is_floating(leaf: Any) -> bool:
-    leaf = _unwrap(leaf)
+    leaf = unbox(leaf)
     if leaf is None:
         return False
-    if _is_quantized_fn()(leaf):
+    if is_quantized(leaf):
         return True
     dtype = getattr(leaf, "dtype", None)
     if dtype is None:
@@ -106,7 +86,7 @@ def _is_floating(leaf: Any) -> bool:
 
 
 def _is_integer(leaf: Any) -> bool:
-    dtype = getattr(_unwrap(leaf), "dtype", None)
+    dtype = getattr(unbox(leaf), "dtype", None)
     if dtype is None:
         return False
     try:
@@ -136,7 +116,7 @@ def _reset_mask(state: PyTree, fields: tuple[str, ...] | None, context: str) -> 
     for i, (path, leaf) in enumerate(flat):
         if not _is_floating(leaf):
             continue
-        names = _names(path)
+        names = field_names(path)
         available |= names
         if fields is None:
             selected = _HYPERPARAMS not in names
@@ -164,7 +144,7 @@ def _measure_mask(state: PyTree, measure: tuple[str, ...], context: str) -> list
     flat, _ = _flatten(state)
     mask, available = [], set()
     for path, leaf in flat:
-        names = _names(path) if _is_floating(leaf) else set()
+        names = field_names(path) if _is_floating(leaf) else set()
         available |= names
         mask.append(bool(names & set(measure)))
     if not any(mask):
@@ -274,6 +254,19 @@ def reset_every_n(
       inner: the transform whose state is reset (optstate's or Optax's).
       n: the period :math:`n \ge 1`, e.g. ``optstate.staleness.reset_period(fmt, b2)``.
       fields: ``None`` (all floating state) or NamedTuple field names / dict keys to reset.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optstate
+      >>> tx = optstate.reset_every_n(optstate.adam(0.1), n=2)
+      >>> params = {"w": jnp.zeros(3)}
+      >>> state = tx.init(params)
+      >>> for g in (1.0, 2.0, 3.0):
+      ...     updates, state = tx.update({"w": jnp.full(3, g)}, state, params)
+      >>> int(state.count), int(state.inner_state[0].count)  # reset after step 2
+      (1, 1)
+      >>> print(f"{float(updates['w'][0]):.4f}")  # a fresh Adam's first step: -lr * sign(g)
+      -0.1000
 
     Returns:
       A :class:`~optstate.GradientTransformation` with state :class:`ResetEveryNState`.
@@ -395,12 +388,12 @@ def adaptive_reset(
         for m, (path, o), (_, nw) in zip(measure_mask, old_flat, new_flat):
             if not m:
                 continue
-            if jnp.shape(_stored_array(o)) != jnp.shape(_stored_array(nw)):
+            if jnp.shape(stored_array(o)) != jnp.shape(stored_array(nw)):
                 raise ValueError(
                     f"{context}: leaf {jax.tree_util.keystr(path)} changed its stored shape "
-                    f"from {jnp.shape(_stored_array(o))} to {jnp.shape(_stored_array(nw))}."
+                    f"from {jnp.shape(stored_array(o))} to {jnp.shape(stored_array(nw))}."
                 )
-            count, size = _unchanged(o, nw)
+            count, size = unchanged_count(o, nw)
             same = same + count.astype(jnp.float32)
             total += size
         stall = same / jnp.float32(max(total, 1))

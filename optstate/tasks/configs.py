@@ -2,8 +2,8 @@
 
 A configuration name is ``<format>[-sr][+reset]``:
 
-* ``<format>``: how the optimizer state is stored, one of :data:`FORMATS`
-  (``fp32`` is plain AdamW);
+* ``<format>``: how the optimizer state is stored, one of :data:`FORMATS` (the names of
+  the registry :mod:`optstate.quantization.formats`; ``fp32`` is plain AdamW);
 * ``-sr``: stochastic instead of nearest rounding when writing the state;
 * ``+reset``: reset the moments every ``K`` steps (``optstate.reset_every_n``), with ``K``
   from the staleness model (``optstate.staleness.reset_period(format, b2)``).
@@ -20,8 +20,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-FORMATS: tuple[str, ...] = ("fp32", "bf16", "int8", "int4", "fp8_e4m3", "fp8_e5m2")
-"""State storage formats accepted in configuration names."""
+from optstate.quantization import formats
 
 REFERENCE = "fp32"
 """The configuration every other one is compared with."""
@@ -40,6 +39,27 @@ DEFAULT_CONFIGS: tuple[str, ...] = (
 
 _SR_SUFFIX = "-sr"
 _RESET_SUFFIX = "+reset"
+
+
+def _split_name(name: str) -> tuple[str, bool, bool]:
+    """``<format>[-sr][+reset]`` -> ``(format, stochastic, reset)``; the format unchecked."""
+    rest = name.strip()
+    reset = rest.endswith(_RESET_SUFFIX)
+    if reset:
+        rest = rest[: -len(_RESET_SUFFIX)]
+    stochastic = rest.endswith(_SR_SUFFIX)
+    if stochastic:
+        rest = rest[: -len(_SR_SUFFIX)]
+    return rest, stochastic, reset
+
+
+FORMATS: tuple[str, ...] = tuple(
+    name for name in dict.fromkeys([_split_name(c)[0] for c in DEFAULT_CONFIGS] + [*formats.NAMES])
+    if name in formats.FORMATS
+)
+"""State storage formats accepted in configuration names: the formats of the registry, those
+of :data:`DEFAULT_CONFIGS` first and in their order (so that messages list the reference and
+the usual formats before the others)."""
 
 
 class ConfigError(ValueError):
@@ -143,13 +163,7 @@ def parse_config(name: str) -> StateConfig:
     Raises:
       ConfigError: naming the accepted formats and suffixes if ``name`` is not of that form.
     """
-    rest = name.strip()
-    reset = rest.endswith(_RESET_SUFFIX)
-    if reset:
-        rest = rest[: -len(_RESET_SUFFIX)]
-    stochastic = rest.endswith(_SR_SUFFIX)
-    if stochastic:
-        rest = rest[: -len(_SR_SUFFIX)]
+    rest, stochastic, reset = _split_name(name)
     if rest not in FORMATS:
         raise ConfigError(f"unknown configuration {name!r}: {accepted_names_text()}.")
     if stochastic and rest == "fp32":

@@ -1,4 +1,8 @@
-"""Presenting ``optstate compare``'s results: progress bars, the table, the JSON and plots."""
+"""Presenting ``optstate compare``'s results: progress bars, summary lines, the JSON and plots.
+
+The results table is printed by the command itself (:func:`optstate.cli.compare.results_table`,
+with the table formatter that every command shares), so that ``tasks`` does not depend on ``cli``.
+"""
 
 from __future__ import annotations
 
@@ -50,29 +54,6 @@ class RunProgress:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.bar.close()
-
-
-def format_table(results: dict[str, Any]) -> str:
-    """The comparison as a fixed-width text table, one row per configuration."""
-    header = ("config", "state B/param", "step peak MiB", "update peak MiB", "time vs fp32",
-              "train loss", "held-out loss", "gap vs fp32")
-    rows = [header]
-    for record in results["configs"].values():
-        rows.append((
-            record["name"],
-            f"{record['state_bytes_per_param']:.2f}",
-            f"{record['peak_step_memory_bytes'] / MIB:.1f}",
-            f"{record['peak_update_memory_bytes'] / MIB:.1f}",
-            f"{record['step_time_ratio_to_fp32']:.2f}x",
-            f"{record['final_train_loss']:.4f}",
-            f"{record['final_heldout_loss']:.4f}",
-            f"{record['loss_gap_to_fp32']:+.4f}",
-        ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                       for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:

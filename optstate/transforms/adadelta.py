@@ -1,8 +1,12 @@
-"""Adadelta's rescaling: a ratio of running RMS of updates to running RMS of gradients."""
+"""Adadelta's rescaling: a ratio of running RMS of updates to running RMS of gradients.
+
+Its state, two moving averages per parameter (``e_g``, ``e_x``), is laid out as Optax's
+``ScaleByAdaDeltaState`` so that states convert one to one.
+"""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +14,7 @@ import jax.numpy as jnp
 from optstate._core.base import GradientTransformation
 from optstate._core.numerics import cast_like, ema, is_none, zeros_like
 from optstate._core.tree_checks import check_updates
-
-PyTree = Any
+from optstate._core.types import PyTree
 
 
 class ScaleByAdaDeltaState(NamedTuple):

@@ -1,4 +1,9 @@
-"""Adam's rescaling: bias-corrected first and second moments (with Nesterov's variant)."""
+"""Adam's rescaling: bias-corrected first and second moments (with Nesterov's variant).
+
+:class:`ScaleByAdamState` (``count``, ``mu``, ``nu``) has Optax's field names and order, so
+code written for Optax's Adam state (e.g. ``quantize_state``'s rule that ``nu`` is
+non-negative) works on ours unchanged.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +24,7 @@ from optstate._core.numerics import (
     zeros_like,
 )
 from optstate._core.tree_checks import check_updates
-
-PyTree = Any
+from optstate._core.types import PyTree
 
 
 class ScaleByAdamState(NamedTuple):

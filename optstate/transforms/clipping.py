@@ -1,17 +1,15 @@
-"""Clipping of updates: element-wise, by global norm, and by per-leaf RMS."""
+"""Clipping of updates: element-wise, by global norm, and by per-leaf RMS.
+
+All three are stateless (their state is ``EmptyState()``).
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from optstate._core.base import EmptyState, GradientTransformation
+from optstate._core.base import GradientTransformation, init_empty_state
 from optstate._core.numerics import global_norm, is_none
-
-
-def _empty_init(params):
-    del params
-    return EmptyState()
 
 
 def clip(max_delta: float) -> GradientTransformation:
@@ -37,7 +35,7 @@ def clip(max_delta: float) -> GradientTransformation:
         )
         return updates, state
 
-    return GradientTransformation(_empty_init, update)
+    return GradientTransformation(init_empty_state, update)
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
@@ -69,7 +67,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
         return jax.tree.map(one, updates, is_leaf=is_none), state
 
-    return GradientTransformation(_empty_init, update)
+    return GradientTransformation(init_empty_state, update)
 
 
 def clip_by_block_rms(threshold: float) -> GradientTransformation:
@@ -97,4 +95,4 @@ def clip_by_block_rms(threshold: float) -> GradientTransformation:
 
         return jax.tree.map(one, updates, is_leaf=is_none), state
 
-    return GradientTransformation(_empty_init, update)
+    return GradientTransformation(init_empty_state, update)

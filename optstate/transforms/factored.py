@@ -1,14 +1,19 @@
-"""Adafactor's factored second moment, and its parameter-scale step size."""
+"""Adafactor's factored second moment, and its parameter-scale step size.
+
+:func:`scale_by_factored_rms` keeps row and column statistics instead of a full second
+moment for matrices (memory :math:`O(n + m)` instead of :math:`O(nm)`);
+:func:`scale_by_param_block_rms` is the stateless relative step size.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optstate._core.base import EmptyState, GradientTransformation
+from optstate._core.base import GradientTransformation, init_empty_state
 from optstate._core.numerics import (
     check_params_given,
     check_same_structure,
@@ -18,8 +23,7 @@ from optstate._core.numerics import (
     zero_count,
 )
 from optstate._core.tree_checks import check_updates
-
-PyTree = Any
+from optstate._core.types import PyTree
 
 
 class FactoredState(NamedTuple):
@@ -190,10 +194,6 @@ def scale_by_param_block_rms(min_scale: float = 1e-3) -> GradientTransformation:
     Cost", ICML 2018, section 8 (relative step size, :math:`\epsilon_2`).
     """
 
-    def init(params):
-        del params
-        return EmptyState()
-
     def update(updates, state, params=None, **extra_args):
         del extra_args
         context = "scale_by_param_block_rms"
@@ -205,4 +205,4 @@ def scale_by_param_block_rms(min_scale: float = 1e-3) -> GradientTransformation:
         )
         return updates, state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init_empty_state, update)

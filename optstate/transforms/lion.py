@@ -1,4 +1,8 @@
-"""Lion's rescaling: the sign of an interpolation between momentum and gradient."""
+"""Lion's rescaling: the sign of an interpolation between momentum and gradient.
+
+One moment per parameter (``mu``) instead of Adam's two; the state mirrors Optax's
+``ScaleByLionState``.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +22,7 @@ from optstate._core.numerics import (
     zeros_like,
 )
 from optstate._core.tree_checks import check_updates
-
-PyTree = Any
+from optstate._core.types import PyTree
 
 
 class ScaleByLionState(NamedTuple):

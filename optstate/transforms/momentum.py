@@ -1,4 +1,8 @@
-"""Momentum: the heavy-ball trace (with Nesterov's variant) and the exponential moving average."""
+"""Momentum: the heavy-ball trace (with Nesterov's variant) and the exponential moving average.
+
+:func:`trace` keeps an unnormalised sum (SGD with momentum); :func:`ema` a normalised,
+optionally bias-corrected average (Adafactor's momentum). States mirror Optax's.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +22,7 @@ from optstate._core.numerics import (
     zeros_like,
 )
 from optstate._core.tree_checks import check_updates
-
-PyTree = Any
+from optstate._core.types import PyTree
 
 
 class TraceState(NamedTuple):

@@ -1,8 +1,12 @@
-"""Rescaling by a root mean square of past gradients: RMSProp (plain and centred) and Adagrad."""
+"""Rescaling by a root mean square of past gradients: RMSProp (plain and centred) and Adagrad.
+
+The ``...WithCount`` states add the ``int32`` step count that bias correction needs; every
+state mirrors Optax's, field for field.
+"""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +23,7 @@ from optstate._core.numerics import (
     zeros_like,
 )
 from optstate._core.tree_checks import check_updates
-
-PyTree = Any
+from optstate._core.types import PyTree
 
 
 class ScaleByRmsState(NamedTuple):
@@ -57,7 +60,8 @@ class ScaleByRssState(NamedTuple):
     sum_of_squares: PyTree
 
 
-def _inverse_root(eps: float, eps_in_sqrt: bool):
+def _inverse_root(eps: float, eps_in_sqrt: bool) -> Callable[[jax.Array], jax.Array]:
+    r"""``s -> 1 / sqrt(s + eps)`` (``eps_in_sqrt``) or ``s -> 1 / (sqrt(s) + eps)``."""
     if eps_in_sqrt:
         return lambda s: jax.lax.rsqrt(s + eps)
     return lambda s: 1 / (jnp.sqrt(s) + eps)

@@ -1,14 +1,19 @@
-"""Scaling by a constant, a learning rate, or a schedule of the step count."""
+"""Scaling by a constant, a learning rate, or a schedule of the step count.
+
+:func:`scale` is stateless; :func:`scale_by_schedule` keeps the ``int32`` step count that
+its schedule is evaluated on; :func:`scale_by_learning_rate` picks one of the two.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from optstate._core.base import EmptyState, GradientTransformation, ScalarOrSchedule, identity
+from optstate._core.base import GradientTransformation, identity, init_empty_state
 from optstate._core.numerics import is_none, safe_increment, zero_count
+from optstate._core.types import ScalarOrSchedule, Schedule
 
 
 class ScaleByScheduleState(NamedTuple):
@@ -32,10 +37,6 @@ def scale(step_size: Any) -> GradientTransformation:
     Reference: Robbins & Monro, "A Stochastic Approximation Method", 1951 (the step size).
     """
 
-    def init(params):
-        del params
-        return EmptyState()
-
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         updates = jax.tree.map(
@@ -43,10 +44,10 @@ def scale(step_size: Any) -> GradientTransformation:
         )
         return updates, state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init_empty_state, update)
 
 
-def scale_by_schedule(step_size_fn: Callable[[jax.Array], Any]) -> GradientTransformation:
+def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
     r"""Multiplies every update by a schedule evaluated on the step count.
 
     .. math:: u_t \leftarrow \alpha(t)\, u_t, \qquad t = 0, 1, 2, \dots

@@ -1,11 +1,14 @@
-"""Layer-wise trust ratio (LARS / LAMB)."""
+"""Layer-wise trust ratio (LARS / LAMB): each leaf's update rescaled by ``||p|| / ||u||``.
+
+Stateless; needs the parameters at ``update``.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from optstate._core.base import EmptyState, GradientTransformation
+from optstate._core.base import GradientTransformation, init_empty_state
 from optstate._core.numerics import check_params_given, is_none, safe_norm
 from optstate._core.tree_checks import check_updates
 
@@ -39,10 +42,6 @@ def scale_by_trust_ratio(
       (LAMB), ICLR 2020.
     """
 
-    def init(params):
-        del params
-        return EmptyState()
-
     def update(updates, state, params=None, **extra_args):
         del extra_args
         context = "scale_by_trust_ratio"
@@ -60,5 +59,5 @@ def scale_by_trust_ratio(
 
         return jax.tree.map(one, updates, params, is_leaf=is_none), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init_empty_state, update)
 

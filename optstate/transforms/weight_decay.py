@@ -1,14 +1,21 @@
-"""Decoupled weight decay: adds a multiple of the parameters to the updates."""
+"""Weight decay: adds a multiple of the parameters to the updates.
+
+Placed after an adaptive rescaling this is decoupled weight decay (AdamW); placed before it,
+an L2 penalty on the gradient. With a ``mask`` the transform runs under
+:func:`~optstate.masked`, as Optax's does, so its state layout equals Optax's.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 
-from optstate._core.base import EmptyState, GradientTransformation, ScalarOrSchedule
+from optstate._core.base import GradientTransformation, init_empty_state
 from optstate._core.numerics import check_params_given, is_none, safe_increment, zero_count
 from optstate._core.tree_checks import check_updates
+from optstate._core.types import MaskOrFn, ScalarOrSchedule
+from optstate.wrappers.masking import masked
 
 
 class WeightDecaySchedule(NamedTuple):
@@ -19,7 +26,7 @@ class WeightDecaySchedule(NamedTuple):
 
 def add_decayed_weights(
     weight_decay: ScalarOrSchedule = 0.0,
-    mask: Any | Callable[[Any], Any] | None = None,
+    mask: MaskOrFn = None,
 ) -> GradientTransformation:
     r"""Adds the parameters, scaled by the weight decay, to the updates.
 
@@ -44,9 +51,9 @@ def add_decayed_weights(
     """
     scheduled = callable(weight_decay)
 
-    def init(params):
+    def init_schedule(params):
         del params
-        return WeightDecaySchedule(count=zero_count()) if scheduled else EmptyState()
+        return WeightDecaySchedule(count=zero_count())
 
     def update(updates, state, params=None, **extra_args):
         del extra_args
@@ -66,9 +73,7 @@ def add_decayed_weights(
         )
         return updates, new_state
 
-    tx = GradientTransformation(init, update)
+    tx = GradientTransformation(init_schedule if scheduled else init_empty_state, update)
     if mask is not None:
-        from optstate.wrappers.masking import masked
-
         return masked(tx, mask)
     return tx

@@ -1,4 +1,9 @@
-"""``apply_if_finite``: skip steps whose gradients contain a NaN or an Inf."""
+"""``apply_if_finite``: skip steps whose gradients contain a NaN or an Inf.
+
+A skipped step returns zero updates and leaves the wrapped state bit for bit as it was, with
+counters of consecutive and total non-finite steps kept in the state (Optax's
+``apply_if_finite``, with the same state layout).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from optstate._core.base import GradientTransformation, OptState, Params, Updates
-from optstate._core.base import with_extra_args_support
-
-_INT32_MAX = jnp.iinfo(jnp.int32).max
+from optstate._core.base import GradientTransformation, with_extra_args_support
+from optstate._core.numerics import safe_increment, zero_count
+from optstate._core.types import OptState, Params, PyTree, Updates
 
 
 class ApplyIfFiniteState(NamedTuple):
@@ -31,12 +35,8 @@ class ApplyIfFiniteState(NamedTuple):
     inner_state: OptState
 
 
-def _increment(count: jax.Array) -> jax.Array:
-    """``count + 1``, saturating at the int32 maximum instead of wrapping around."""
-    return jnp.where(count < _INT32_MAX, count + 1, count).astype(jnp.int32)
-
-
-def _all_finite(tree: Any) -> jax.Array:
+def _all_finite(tree: PyTree) -> jax.Array:
+    """A boolean scalar: whether every element of every leaf of ``tree`` is finite."""
     flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
     if not flags:
         return jnp.array(True)
@@ -84,17 +84,17 @@ def apply_if_finite(inner: GradientTransformation,
 
     def init(params: Params) -> ApplyIfFiniteState:
         return ApplyIfFiniteState(
-            notfinite_count=jnp.zeros([], jnp.int32),
+            notfinite_count=zero_count(),
             last_finite=jnp.array(True, jnp.bool_),
-            total_notfinite=jnp.zeros([], jnp.int32),
+            total_notfinite=zero_count(),
             inner_state=inner.init(params),
         )
 
     def update(updates: Updates, state: ApplyIfFiniteState, params: Params | None = None,
                **extra_args: Any) -> tuple[Updates, ApplyIfFiniteState]:
         finite = _all_finite(updates)
-        count = jnp.where(finite, jnp.zeros([], jnp.int32), _increment(state.notfinite_count))
-        total = jnp.where(finite, state.total_notfinite, _increment(state.total_notfinite))
+        count = jnp.where(finite, zero_count(), safe_increment(state.notfinite_count))
+        total = jnp.where(finite, state.total_notfinite, safe_increment(state.total_notfinite))
 
         def apply(operands):
             u, s = operands

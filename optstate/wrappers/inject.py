@@ -1,4 +1,9 @@
-"""``inject_hyperparams``: hyperparameters as float32 arrays in the state, or schedules."""
+"""``inject_hyperparams``: hyperparameters as float32 arrays in the state, or schedules.
+
+The numeric arguments of an optimizer factory become entries of ``state.hyperparams`` (so
+they can be read and changed between jitted steps without recompiling, and are
+checkpointed), and the inner transform is rebuilt from them at every update.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optstate._core.base import GradientTransformation, OptState, Params, Updates
-from optstate._core.base import with_extra_args_support
-
-_INT32_MAX = np.iinfo(np.int32).max
+from optstate._core.base import GradientTransformation, with_extra_args_support
+from optstate._core.numerics import safe_increment, zero_count
+from optstate._core.types import OptState, Params, Updates
 
 
 class InjectHyperparamsState(NamedTuple):
@@ -35,6 +39,7 @@ class InjectHyperparamsState(NamedTuple):
 
 
 def _is_float_like(value: Any) -> bool:
+    """Whether ``value`` is a Python float or has a floating dtype."""
     if isinstance(value, float):
         return True
     dtype = getattr(value, "dtype", None)
@@ -55,6 +60,7 @@ def _to_array(name: str, value: Any, float_dtype: Any, force_float: bool = False
 
 
 def _is_static_value(value: Any) -> bool:
+    """Whether an argument of the factory stays a Python value (not an array in the state)."""
     # bools and ints (flags, sizes) stay static, as do dtypes and types (e.g. mu_dtype),
     # strings, None and containers.
     if isinstance(value, (bool, int, np.bool_, np.integer)):
@@ -62,10 +68,6 @@ def _is_static_value(value: Any) -> bool:
     if isinstance(value, (type, np.dtype)):
         return True
     return not (callable(value) or isinstance(value, (float, np.floating, np.ndarray, jax.Array)))
-
-
-def _increment(count: jax.Array) -> jax.Array:
-    return jnp.where(count < _INT32_MAX, count + 1, count).astype(jnp.int32)
 
 
 def inject_hyperparams(
@@ -163,7 +165,7 @@ def inject_hyperparams(
             return values
 
         def init(params: Params) -> InjectHyperparamsState:
-            count = jnp.zeros([], jnp.int32)
+            count = zero_count()
             hyperparams = evaluate(count, numeric)
             inner = inner_factory(**fixed, **hyperparams)
             return InjectHyperparamsState(count=count, hyperparams=hyperparams,
@@ -176,7 +178,7 @@ def inject_hyperparams(
             inner = with_extra_args_support(inner_factory(**fixed, **hyperparams))
             updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
             return updates, InjectHyperparamsState(
-                count=_increment(state.count), hyperparams=hyperparams, inner_state=inner_state)
+                count=safe_increment(state.count), hyperparams=hyperparams, inner_state=inner_state)
 
         return GradientTransformation(init, update)
 

@@ -1,20 +1,20 @@
 """``masked``: apply a transform to a selected subset of the leaves, pass the rest through.
 
 The inner transform sees a tree in which every masked-out leaf (or subtree) is replaced by a
-``MaskedNode``, an empty pytree node, so it allocates no state for those leaves.
+``MaskedNode``, an empty pytree node, so it allocates no state for those leaves. The helpers
+that split a tree under a prefix tree of bools or labels (:func:`flatten_prefix`) are shared
+with :mod:`optstate.wrappers.partition`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
-from optstate._core.base import GradientTransformation, OptState, Params, PyTree, Updates
-from optstate._core.base import with_extra_args_support
-
-MaskOrFn = PyTree | Callable[[Params], PyTree]
+from optstate._core.base import GradientTransformation, with_extra_args_support
+from optstate._core.types import MaskOrFn, OptState, Params, PyTree, Updates
 
 
 class MaskedNode(NamedTuple):
@@ -32,6 +32,7 @@ class MaskedState(NamedTuple):
 
 
 def _is_placeholder(x: Any) -> bool:
+    """Whether ``x`` stands for an absent leaf (``None`` or a :class:`MaskedNode`)."""
     return x is None or isinstance(x, MaskedNode)
 
 
@@ -50,12 +51,18 @@ def _prefix_mismatch(prefix: Any, tree: Any, tree_name: str) -> str:
     return "same paths, different container types"
 
 
-def flatten_prefix(prefix: Any, tree: Any, *, prefix_name: str, tree_name: str,
+def flatten_prefix(prefix: PyTree, tree: PyTree, *, prefix_name: str, tree_name: str,
                    context: str) -> tuple[list[tuple[str, Any]], list[Any], Any]:
     """Splits ``tree`` into the subtrees under each leaf of ``prefix``.
 
-    Returns ``(prefix_leaves, subtrees, prefix_treedef)`` where ``prefix_leaves`` is a list
-    of ``(path string, leaf)`` pairs.
+    Args:
+      prefix: a tree whose structure is a prefix of ``tree``'s (a mask or a label tree).
+      tree: the parameters or updates.
+      prefix_name, tree_name, context: how the message names the two trees and the caller.
+
+    Returns:
+      ``(prefix_leaves, subtrees, prefix_treedef)`` where ``prefix_leaves`` is a list of
+      ``(path string, leaf)`` pairs and ``subtrees`` the subtree of ``tree`` under each.
 
     Raises:
       ValueError: ``prefix`` is not a prefix of ``tree``, naming the first differing path and
@@ -77,6 +84,7 @@ def flatten_prefix(prefix: Any, tree: Any, *, prefix_name: str, tree_name: str,
 
 
 def _as_bool(path: str, m: Any, context: str) -> bool:
+    """The Python bool of mask leaf ``m`` at ``path``; raises ``TypeError`` if it is not one."""
     if isinstance(m, jax.core.Tracer):
         raise TypeError(
             f"{context}: mask leaf {path} is a traced value; the mask must be static (Python "
@@ -93,7 +101,7 @@ def _as_bool(path: str, m: Any, context: str) -> bool:
     )
 
 
-def resolve_mask(mask: MaskOrFn, tree: Any) -> Any:
+def resolve_mask(mask: MaskOrFn, tree: PyTree) -> PyTree:
     """The mask tree for ``tree``: ``mask(tree)`` if ``mask`` is callable, else ``mask``."""
     return mask(tree) if callable(mask) else mask
 

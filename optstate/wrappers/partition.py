@@ -1,4 +1,8 @@
-"""``partition``: a different transform for each labelled group of parameters."""
+"""``partition``: a different transform for each labelled group of parameters.
+
+Each group's transform runs under :func:`~optstate.masked`, so a group keeps state only for
+its own leaves, and a frozen group (``set_to_zero()``) keeps none.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,11 @@ from typing import Any, Callable, Hashable, Mapping, NamedTuple
 
 import jax
 
-from optstate._core.base import GradientTransformation, OptState, Params, PyTree, Updates
+from optstate._core.base import GradientTransformation
+from optstate._core.types import OptState, Params, PyTree, Updates
 from optstate.wrappers.masking import flatten_prefix, masked
 
+#: A pytree of labels shaped like the parameters (or a prefix of them), or ``params -> labels``.
 LabelsOrFn = PyTree | Callable[[Params], PyTree]
 
 

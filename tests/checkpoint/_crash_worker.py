@@ -38,9 +38,10 @@ def make_state(step: int):
 
 def main(directory: str, mode: str) -> None:
     from optstate import checkpoint
+    from optstate.checkpoint import saving
 
     if mode == "hang":
-        real_rename = checkpoint.os.rename
+        real_rename = saving.os.rename
 
         def rename(src, dst, *args, **kwargs):
             if str(dst).endswith("step_3"):
@@ -48,7 +49,7 @@ def main(directory: str, mode: str) -> None:
                 time.sleep(3600)
             return real_rename(src, dst, *args, **kwargs)
 
-        checkpoint.os.rename = rename
+        saving.os.rename = rename  # the commit's rename (os is shared: patched for all)
     step = 1
     while True:
         checkpoint.save(directory, step, make_state(step), keep=None if mode == "hang" else 3,

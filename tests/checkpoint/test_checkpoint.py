@@ -21,7 +21,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import optstate
 from optstate import checkpoint
-from optstate.checkpoint import CheckpointError
+from optstate.checkpoint import CheckpointError, encoding, saving
+from optstate.checkpoint.files import _host_tag
+from optstate.checkpoint.sidecar import _MIGRATIONS, _seal
 
 
 # -------------------------------------------------------------------------------------------
@@ -97,6 +99,18 @@ def test_round_trip_is_bit_exact_for_every_leaf_kind(tmp_path):
     assert str(jax.random.key_impl(restored["single_key"])) == "rbg"
     # a concrete tree works as a target too
     assert_identical(checkpoint.restore(tmp_path, 3, target=state), expected)
+
+
+def test_weak_type_that_cannot_be_restored_is_an_error_naming_the_leaf(tmp_path, monkeypatch):
+    """A JAX without the weak-type conversion must not give a strongly typed leaf silently."""
+    def moved(x):
+        raise RuntimeError("this JAX version has no _convert_element_type (simulated)")
+
+    checkpoint.save(tmp_path, 1, {"weak": jnp.asarray(0.25), "f32": jnp.zeros(2)})
+    monkeypatch.setattr(encoding, "with_weak_type", moved)
+    with pytest.raises(CheckpointError,
+                       match=r"step 1, leaf \['weak'\]: .*weakly typed.*simulated"):
+        checkpoint.restore(tmp_path, target={"weak": jnp.asarray(0.25), "f32": jnp.zeros(2)})
 
 
 def test_scalar_state_and_state_without_arrays(tmp_path):
@@ -186,7 +200,7 @@ def test_sidecar_records_versions_and_tree_description(tmp_path):
     assert described == [("['count']", [], "int32", "int32", 4),
                          ("['mu']", [4, 2], "bfloat16", "bf16", 16)]
     assert sidecar["total_bytes"] == 20
-    assert checkpoint._seal(sidecar) == sidecar  # sealed with its own checksum
+    assert _seal(sidecar) == sidecar  # sealed with its own checksum
     assert checkpoint.describe(tmp_path) == sidecar
 
 
@@ -256,7 +270,7 @@ def test_tampered_checksum_and_missing_arrays(tmp_path):
     sidecar_path.write_text(json.dumps(sidecar))
     with pytest.raises(CheckpointError, match=r"step 4: optstate.json does not match its own"):
         checkpoint.restore(tmp_path, target=abstract(state))
-    sidecar_path.write_text(json.dumps(checkpoint._seal(sidecar)))  # a consistent forgery
+    sidecar_path.write_text(json.dumps(_seal(sidecar)))  # a consistent forgery
     with pytest.raises(CheckpointError, match=r"step 4, leaf \['small'\]: checksum mismatch"):
         checkpoint.restore(tmp_path, target=abstract(state))
     # verify=False skips the comparison (and returns the stored values)
@@ -339,7 +353,7 @@ def _set_format_version(directory: Path, step: int, version: int, **extra) -> No
     if version < 1:
         del sidecar["sidecar_sha256"]  # version 0 (fabricated) had no self-checksum
     else:
-        sidecar = checkpoint._seal(sidecar)
+        sidecar = _seal(sidecar)
     path.write_text(json.dumps(sidecar))
 
 
@@ -376,10 +390,10 @@ def test_older_format_is_migrated(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="no migration from version 0"):
         checkpoint.restore(tmp_path, target=abstract(state))
 
-    monkeypatch.setitem(checkpoint._MIGRATIONS, 0, v0_to_v1)
+    monkeypatch.setitem(_MIGRATIONS, 0, v0_to_v1)
     assert_identical(checkpoint.restore(tmp_path, target=abstract(state)), state)
 
-    monkeypatch.setitem(checkpoint._MIGRATIONS, 0, lambda old: dict(old))  # forgets the bump
+    monkeypatch.setitem(_MIGRATIONS, 0, lambda old: dict(old))  # forgets the bump
     with pytest.raises(CheckpointError, match="did not produce version 1"):
         checkpoint.restore(tmp_path, target=abstract(state))
 
@@ -414,7 +428,7 @@ def test_leftovers_of_dead_processes_are_ignored_then_removed(tmp_path):
     checkpoint.save(tmp_path, 1, {"x": jnp.zeros(2)})
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(timeout=60)
-    host = checkpoint._host_tag()
+    host = _host_tag()
     leftovers = [
         f".tmp-step_2.{host}.{dead.pid}.abc123",  # dead process on this host: removed
         f".tmp-step_3.{host}.{os.getpid()}.abc124",  # this live process: kept
@@ -454,7 +468,7 @@ def test_async_failure_surfaces_and_commits_nothing(tmp_path, monkeypatch):
     def broken(root):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(checkpoint, "_fsync_tree", broken)
+    monkeypatch.setattr(saving, "_fsync_tree", broken)
     checkpoint.save(tmp_path, 1, {"x": jnp.zeros(2)}, asynchronous=True)
     with pytest.raises(CheckpointError, match="step 1 .*failed.*disk full"):
         checkpoint.wait_until_finished()

@@ -1,4 +1,4 @@
-"""``optstate compare`` and ``optstate bench``: outputs, measured figures, and user errors."""
+"""``optstate compare``: outputs, measured figures, the printed table, and user errors."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 
 import optstate
 from optstate.cli import main
+from optstate.cli.compare import results_table
 from optstate.tasks import report
 from optstate.tasks.configs import ConfigError, parse_config, parse_configs
 
@@ -99,10 +100,37 @@ def test_quantized_state_is_measured_smaller_with_a_loss_gap(quick_run):
 def test_table_lists_every_configuration(quick_run, capsys):
     _, out = quick_run
     results = json.loads((out / "results.json").read_text())
-    table = report.format_table(results)
+    table = results_table(results)
     assert "state B/param" in table and "gap vs fp32" in table
     for name in results["configs"]:
         assert any(line.startswith(name + " ") for line in table.splitlines())
+
+
+def test_table_text_is_unchanged():
+    """The text ``make demo`` prints, as the table was laid out before the shared formatter."""
+    record = dict(state_bytes_per_param=8.0004, peak_step_memory_bytes=41_943_040,
+                  peak_update_memory_bytes=8_650_752, step_time_ratio_to_fp32=1.0,
+                  final_train_loss=1.23456, final_heldout_loss=1.5, loss_gap_to_fp32=0.0)
+    results = {"configs": {
+        "fp32": {**record, "name": "fp32"},
+        "bf16-sr+reset": {**record, "name": "bf16-sr+reset", "state_bytes_per_param": 4.0,
+                          "step_time_ratio_to_fp32": 1.234, "loss_gap_to_fp32": -0.01},
+        "int4": {**record, "name": "int4", "peak_step_memory_bytes": 35_000_000,
+                 "step_time_ratio_to_fp32": 12.5, "final_train_loss": 10.0,
+                 "final_heldout_loss": 11.25, "loss_gap_to_fp32": 9.75},
+    }}
+    assert results_table(results).splitlines() == [
+        "config         state B/param  step peak MiB  update peak MiB  time vs fp32  train loss"
+        "  held-out loss  gap vs fp32",
+        "-------------  -------------  -------------  ---------------  ------------  ----------"
+        "  -------------  -----------",
+        "fp32                    8.00           40.0              8.2         1.00x      1.2346"
+        "         1.5000      +0.0000",
+        "bf16-sr+reset           4.00           40.0              8.2         1.23x      1.2346"
+        "         1.5000      -0.0100",
+        "int4                    8.00           33.4              8.2        12.50x     10.0000"
+        "        11.2500      +9.7500",
+    ]
 
 
 def test_reference_is_added_and_duplicates_dropped():
@@ -171,27 +199,6 @@ def test_reset_configuration_without_a_period_is_rejected(tmp_path, capsys):
 def test_fp32_with_stochastic_rounding_is_explained():
     with pytest.raises(ConfigError, match="not rounded"):
         parse_config("fp32-sr")
-
-
-# --- bench ----------------------------------------------------------------------------------
-
-
-def test_bench_prints_a_table_against_optax(capsys):
-    configs = ["fp32"] + ([QUANTIZED] if QUANTIZED else [])
-    code = main(["bench", "--leaves", "1", "--side", "96", "--repeats", "2", "--configs", *configs])
-    assert code == 0
-    lines = capsys.readouterr().out.splitlines()
-    rows = {line.split("  ")[0].strip(): line.split()
-            for line in lines if line.startswith(("optax", "optstate"))}
-    assert set(rows) == {"optax fp32", *(f"optstate {c}" for c in configs)}
-    assert rows["optax fp32"][-1] == "1.00x"
-    # fp32 state: 2 moments x 4 bytes, plus int32 counters spread over 96 * 96 parameters.
-    assert 8.0 <= float(rows["optstate fp32"][2]) <= 8.01
-
-
-def test_bench_rejects_an_unknown_configuration(capsys):
-    assert main(["bench", "--configs", "nope"]) == 2
-    assert "unknown configuration 'nope'" in capsys.readouterr().err
 
 
 def test_missing_demo_packages_are_named(monkeypatch, tmp_path, capsys):

@@ -10,16 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optstate.quantization import codebooks as cb
-from optstate.quantization.block import (
-    block_layout,
-    check_format,
-    dequantize_array,
-    pack_int4,
-    quantize_array,
-    unpack_int4,
-)
-from optstate.quantization.array import QuantizedArray, dequantize, is_quantized
+from optstate.quantization import formats
+from optstate.quantization.array import QuantizedArray, is_quantized
+from optstate.quantization.block import block_layout, dequantize, dequantize_array, quantize_array
+from optstate.quantization.codecs import pack_int4, unpack_int4
+
+
+def check_format(fmt, block_size):
+    """The block size the registry gives ``fmt`` for a requested ``block_size``."""
+    return formats.get(fmt).block_size(block_size)
 
 shapes = st.lists(st.integers(1, 40), min_size=1, max_size=4).map(tuple)
 
@@ -78,7 +77,7 @@ def test_integer_formats_match_a_numpy_reference(rows, cols, fmt, nonneg, seed, 
     q, ours = _round_trip(jnp.asarray(x), fmt, nonneg)
     assert q.codes.dtype == jnp.uint8
     assert q.codes.shape == ((rows, cols) if fmt == "int8" else (rows, -(-cols // 2)))
-    values = cb.codebook(fmt, nonneg).values().astype(np.float64)
+    values = formats.get(fmt).codec.book(nonneg).values().astype(np.float64)
     ours = np.asarray(ours).astype(np.float64)
     if rows > 1 and cols < block:  # blocks are groups of whole rows
         lay = block_layout((rows, cols), block)
@@ -153,7 +152,7 @@ def test_edge_shapes(shape, fmt):
     np.testing.assert_array_equal(np.asarray(dequantize_array(q)), np.asarray(d))
     d = np.asarray(d)
     # error bounded by half the largest gap of the map, relative to each block's maximum
-    gap = np.diff(cb.codebook(fmt, False).values()).max() / 2
+    gap = np.diff(formats.get(fmt).codec.book(False).values()).max() / 2
     err = np.abs(d - x).reshape(lay.n_rows, lay.row_len)
     scale = np.abs(x).reshape(lay.n_rows, lay.row_len).max()
     assert err.max() <= gap * scale + 1e-6

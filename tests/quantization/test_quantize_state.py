@@ -12,6 +12,7 @@ import pytest
 import optstate
 from optstate import QuantizedArray, QuantizedState, dequantize, is_quantized, quantize_state
 from optstate.quantization.block import quantize_array
+from optstate.quantization.wrapper import BoundedStepFallbackWarning
 from optstate.memory import compiled_memory
 from optstate.memory import state_bytes
 
@@ -38,7 +39,7 @@ def test_adam_state_bytes_per_parameter(fmt, limit):
     nbytes = state_bytes(state)
     assert nbytes == sum(x.nbytes for x in jax.tree.leaves(state))
     assert nbytes / 2**20 <= limit
-    assert nbytes / 2**20 >= {"fp32": 8, "bf16": 4, "int4": 1, "int4": 1}.get(fmt, 2)
+    assert nbytes / 2**20 >= {"fp32": 8, "bf16": 4, "int4": 1}.get(fmt, 2)
 
 
 def test_which_leaves_are_quantized():
@@ -191,7 +192,8 @@ def test_non_elementwise_inner_transforms_fall_back_to_whole_state():
                   optstate.lamb(1e-2)]:
         tx = quantize_state(inner, "int8", chunk_elements=4096)
         state = tx.init(params)
-        _, state = jax.jit(tx.update)(grads, state, params)
+        with pytest.warns(BoundedStepFallbackWarning, match="not elementwise.*reduce_sum"):
+            _, state = jax.jit(tx.update)(grads, state, params)
         updates, _ = jax.jit(tx.update)(_tree(2, 10.0, SMALL_SHAPES), state, params)
         deq = jax.tree.map(lambda x: dequantize(x) if is_quantized(x) else x, state.inner_state,
                            is_leaf=is_quantized)
@@ -441,3 +443,18 @@ def test_flax_nnx_optimizer_accepts_the_wrapper():
         params, state = step(params, state)
     assert is_quantized(opt.opt_state.inner_state[0].mu["kernel"])
     np.testing.assert_allclose(model.kernel[...], params["kernel"], rtol=1e-5, atol=1e-6)
+
+
+def test_describe_shows_the_step_each_quantized_leaf_takes():
+    params = {"w": jnp.ones((512, 256)), "b": jnp.ones((256,))}
+    chunked_tx = quantize_state(optstate.adamw(1e-3), "int8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BoundedStepFallbackWarning)  # elementwise: no fallback
+        rows = optstate.memory.describe(chunked_tx.init(params), params, tx=chunked_tx).rows
+    steps = {r.path: r.step for r in rows if r.format == "int8"}
+    assert steps == {".inner_state[0].mu['w']": "chunked", ".inner_state[0].nu['w']": "chunked"}
+    whole_tx = quantize_state(optstate.lamb(1e-3), "int8")
+    with pytest.warns(BoundedStepFallbackWarning):
+        rows = optstate.memory.describe(whole_tx.init(params), params, tx=whole_tx).rows
+    steps = [r.step for r in rows if r.format == "int8"]
+    assert len(steps) == 2 and all(s.startswith("whole: ") and "reduce_sum" in s for s in steps)

@@ -19,7 +19,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import optstate
 from optstate import sharding
-from optstate.quantization.array import QuantizedArray, dequantize, is_quantized
+from optstate import QuantizedArray, dequantize, is_quantized
 
 N = 8
 STEPS = 5

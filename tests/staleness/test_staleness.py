@@ -353,8 +353,7 @@ def test_stall_fraction_packed_int4_compares_nibbles():
 @pytest.mark.parametrize("fmt,shape", [("int8", (6, 300)), ("int4", (5, 257)),
                                        ("fp8_e4m3", (4, 512)), ("bf16", (3, 100))])
 def test_stall_fraction_of_quantize_array_leaves_matches_dequantized_values(fmt, shape):
-    from optstate.quantization.block import quantize_array
-    from optstate.quantization.array import dequantize
+    from optstate.quantization.block import dequantize, quantize_array
 
     rng = np.random.default_rng(6)
     x = rng.uniform(0.1, 0.9, shape).astype(np.float32)

@@ -86,7 +86,7 @@ def test_block_matches_optax_after_40_steps(name):
     params, noise = parity.params(seed=PARAMS_SEED), parity.noise(seed=NOISE_SEED)
     (p_ours, s_ours), (p_ref, s_ref) = parity.run_pair(ours, theirs, params, noise)
     parity.assert_trees_close(p_ours, p_ref, f"{name} params")
-    parity.assert_trees_close(s_ours, s_ref, f"{name} state")
+    parity.assert_trees_close(s_ours, s_ref, f"{name} state", check_structure=False)
     assert float(jnp.max(jnp.abs(p_ours["w"] - params["w"]))) > 1e-3
 
 

@@ -1,0 +1,368 @@
+"""The bounded-memory step of ``quantize_state``: one parameter at a time, in row chunks.
+
+When the inner update is elementwise per parameter (:mod:`optstate.quantization.elementwise`),
+the new state of each large parameter is computed in chunks of whole blocks and stored in
+place, one parameter after another, so the step never holds the whole state in float32.
+
+How the step is arranged, and why (XLA on CPU, checked with its memory analysis):
+
+* The update ``u`` of a chunked parameter comes from one call of the inner update on the
+  whole tree: an elementwise function of gradients, parameters and dequantized codes, which
+  XLA fuses into ``apply_updates`` (no float32 update or moment is materialized). Computing
+  ``u`` inside the chunk loop instead would materialize a float32 array per parameter.
+* The loop writes the new codes in place (the donated buffers) and reads the old ones from a
+  copy, made after the previous parameter's loop so that one copy is alive at a time
+  (:mod:`optstate.quantization.ordering`).
+* Stochastic rounding draws from a counter-based stream (:mod:`optstate.quantization.randomness`),
+  so a chunk rounds exactly as the whole leaf would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from optstate._core.base import GradientTransformation
+from optstate.quantization.array import QuantizedArray, is_quantized
+from optstate.quantization.block import (
+    View,
+    block_layout,
+    dequantize,
+    dequantize_piece,
+    quantize_piece,
+    requantize_like,
+)
+from optstate.quantization.ordering import copy_after, zero_from
+from optstate.quantization.randomness import uniform_from_counter
+
+#: Parameters with at least this many elements (or two chunks, if fewer) get their state
+#: updated by the bounded-memory loop; smaller ones are updated in one piece.
+MIN_LOOP_ELEMENTS = 1 << 16
+
+
+# -- chunk geometry ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunking:
+    """Row chunks of a leaf of ``shape``: the leaf is viewed as ``(n_outer, shape[axis], M)``
+    (``M = prod(shape[axis+1:])``); a chunk is ``rows`` consecutive rows of one outer index.
+    ``n_main`` full chunks per outer index, then one of ``rem`` rows if ``rem > 0``."""
+
+    shape: tuple[int, ...]
+    axis: int
+    rows: int
+    n_outer: int
+    n_main: int
+    rem: int
+
+    @property
+    def inner(self) -> int:
+        return math.prod(self.shape[self.axis + 1:])
+
+    def chunk_shape(self, rows: int) -> tuple[int, ...]:
+        return (1,) * self.axis + (rows,) + self.shape[self.axis + 1:]
+
+
+def _chunking(shape: tuple[int, ...], block: int, chunk_elements: int) -> _Chunking:
+    lay = block_layout(shape, max(block, 1))
+    ndim = len(shape)
+    if lay.axis == -1:  # groups of g rows
+        g, per_row = lay.group, math.prod(shape[1:])
+        rows = max(g, (chunk_elements // (g * per_row)) * g)
+        rows = min(rows, shape[0])
+        return _Chunking(shape, 0, rows, 1, shape[0] // rows, shape[0] % rows)
+    a = lay.axis
+    k = next(k for k in range(ndim) if math.prod(shape[k + 1:]) <= chunk_elements or k == a)
+    k = min(k, a)
+    inner = math.prod(shape[k + 1:])
+    if k < a:
+        rows = max(1, chunk_elements // inner)
+    else:
+        step = block // math.gcd(inner, block) if block > 0 else 1
+        rows = max(step, (chunk_elements // inner) // step * step)
+    rows = min(rows, shape[k])
+    return _Chunking(shape, k, rows, math.prod(shape[:k]), shape[k] // rows, shape[k] % rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ArrayCut:
+    """How one stored array (codes, scales or a plain leaf) is cut alike: viewed as
+    ``(n_outer, total_rows, width)``; chunk ``j`` is rows ``[j * rows, j * rows + rows)`` and
+    the remainder chunk has ``rem_rows`` rows."""
+
+    view: tuple[int, int, int]
+    rows: int
+    rem_rows: int
+
+
+def _plain_cut(ch: _Chunking) -> _ArrayCut:
+    return _ArrayCut((ch.n_outer, ch.shape[ch.axis], ch.inner), ch.rows, ch.rem)
+
+
+def _codes_cut(ch: _Chunking, q: QuantizedArray) -> _ArrayCut:
+    k = q.format.values_per_code
+    if k == 1:
+        return _plain_cut(ch)
+    last = ch.shape[-1]
+    packed = -(-last // k)
+    if ch.axis < len(ch.shape) - 1:
+        width = ch.inner // last * packed
+        return _ArrayCut((ch.n_outer, ch.shape[ch.axis], width), ch.rows, ch.rem)
+    # chunks along the last axis: rows is a multiple of k (the block is) or the whole row
+    return _ArrayCut((ch.n_outer, packed, 1), -(-ch.rows // k), -(-ch.rem // k))
+
+
+def _scales_cut(ch: _Chunking, q: QuantizedArray) -> _ArrayCut | None:
+    if not q.format.blocked:
+        return None
+    lay = block_layout(q.shape, q.block_size)
+    if lay.axis == -1:
+        g = lay.group
+        return _ArrayCut((1, lay.n_rows, 1), ch.rows // g, ch.rem // g)
+    if ch.axis < lay.axis:
+        width = math.prod(ch.shape[ch.axis + 1:lay.axis]) * lay.n_blocks
+        return _ArrayCut((ch.n_outer, ch.shape[ch.axis], width), ch.rows, ch.rem)
+    per_chunk = -(-ch.rows * ch.inner // q.block_size) if ch.n_main else 0
+    rem_blocks = lay.n_blocks - ch.n_main * per_chunk
+    return _ArrayCut((ch.n_outer, lay.n_blocks, 1), per_chunk, rem_blocks)
+
+
+def _piece_view(ch: _Chunking, q: QuantizedArray, rows: int) -> View:
+    lay = block_layout(q.shape, max(q.block_size, 1))
+    n = rows * ch.inner
+    if not q.format.blocked:
+        return View(1, n, 0, n)
+    if lay.axis == -1 or ch.axis < lay.axis:
+        row_len = lay.row_len
+    else:
+        row_len = n
+    pack_len = ch.shape[-1] if ch.axis < len(ch.shape) - 1 else rows
+    return View(n // row_len, row_len, q.block_size, pack_len)
+
+
+def _slice_rows(x3: jax.Array, outer: jax.Array, start: jax.Array, rows: int) -> jax.Array:
+    return lax.dynamic_slice(x3, (outer, start, jnp.zeros_like(start)), (1, rows, x3.shape[2]))
+
+
+def _update_rows(x3: jax.Array, piece: jax.Array, outer: jax.Array, start: jax.Array
+                 ) -> jax.Array:
+    return lax.dynamic_update_slice(x3, piece.reshape((1, -1, x3.shape[2])).astype(x3.dtype),
+                                    (outer, start, jnp.zeros_like(start)))
+
+
+def _placeholder(x: Any) -> Any:
+    """An empty stand-in for a leaf another parameter's chunk does not read (same rank and
+    dtype, first dimension 0); scalars are passed as they are."""
+    shape = tuple(x.shape)
+    if not shape:
+        return x
+    return jnp.zeros((0,) + shape[1:], x.dtype)
+
+
+def chunked_leaves(chunk_elements: int, s_leaves: list[Any], owners: list[int | None] | None,
+                    updates: Any) -> dict[int, list[int]]:
+    """Parameter index -> its state leaves, for the parameters processed in chunks."""
+    if owners is None:
+        return {}
+    u_leaves = jax.tree.leaves(updates)
+    members: dict[int, list[int]] = {}
+    for s, k in enumerate(owners):
+        if k is not None:
+            members.setdefault(k, []).append(s)
+    out = {}
+    for k, ss in members.items():
+        qs = [s_leaves[s] for s in ss if is_quantized(s_leaves[s])]
+        if not qs:
+            continue
+        if math.prod(u_leaves[k].shape) < min(2 * chunk_elements, MIN_LOOP_ELEMENTS):
+            continue
+        if len({(q.fmt, q.block_size) for q in qs}) != 1:
+            continue
+        out[k] = ss
+    return out
+
+
+def chunked_step(chunk_elements: int, inner: GradientTransformation, updates, s_leaves, s_def, params, extra_args, seeds, chunked):
+    """The bounded-memory step for an inner update that is elementwise per parameter."""
+    u_leaves, u_def = jax.tree.flatten(updates)
+    p_leaves = None if params is None else jax.tree.flatten(params)[0]
+    p_def = None if params is None else jax.tree.structure(params)
+    chunked_state = {s for ss in chunked.values() for s in ss}
+
+    # 1. The new state of each chunked parameter, in row chunks of whole blocks, stored in
+    #    place, one parameter after the other; each loop also hands back the copy of the old
+    #    stored state it read from.
+    read_leaves = list(s_leaves)
+    dependency = None
+    loops = []
+    for k in sorted(chunked):
+        members, old = _chunk_loop(chunk_elements, inner, k, chunked[k], u_leaves, u_def, p_leaves,
+                                   p_def, s_leaves, s_def, extra_args, seeds, dependency)
+        loops.append(members)
+        for s, value in old.items():
+            read_leaves[s] = value
+        first = members[chunked[k][0]]
+        dependency = first.codes if is_quantized(first) else first
+
+    # 2. One call of the inner update on the whole tree, on the old state, gives every update
+    #    and the new state of everything not processed in chunks (scalars, small leaves,
+    #    unrelated state). The chunked parameters' new state from this call is dropped (never
+    #    computed), and their updates are elementwise functions of the gradients, parameters
+    #    and dequantized codes, which XLA fuses into whatever consumes them
+    #    (``apply_updates``): no float32 copy of their state or update is kept.
+    u_rest = list(u_leaves)
+    p_rest = None if p_leaves is None else list(p_leaves)
+    s_rest = [dequantize(x) if is_quantized(x) else x for x in read_leaves]
+    new_u_rest, new_s_rest = inner.update(
+        u_def.unflatten(u_rest), s_def.unflatten(s_rest),
+        None if p_def is None else p_def.unflatten(p_rest), **extra_args)
+    new_u = list(jax.tree.leaves(new_u_rest))
+    new_s = list(s_def.flatten_up_to(new_s_rest))
+    for s, x in enumerate(s_leaves):
+        if s not in chunked_state and is_quantized(x):
+            new_s[s] = requantize_like(x, new_s[s], seeds[s])
+
+    for members in loops:
+        for s, value in members.items():
+            new_s[s] = value
+    return u_def.unflatten(new_u), new_s
+
+
+def _chunk_loop(chunk_elements, inner, k, members, u_leaves, u_def, p_leaves, p_def, s_leaves, s_def,
+                extra_args, seeds, dependency):
+    """Runs ``inner.update`` on row chunks of parameter ``k`` and its state ``members``.
+
+    Every other parameter and non-scalar state leaf is passed as an empty placeholder (the
+    analysis showed the chunk's outputs do not depend on them); scalars are passed as they are.
+    Returns the new values of ``k``'s state leaves (its updates come from the whole-tree
+    call) and a copy of their old values (written by the loop as it reads them).
+    """
+    shape = tuple(u_leaves[k].shape)
+    qs = [s_leaves[s] for s in members if is_quantized(s_leaves[s])]
+    ch = _chunking(shape, qs[0].block_size, chunk_elements)
+    plain = _plain_cut(ch)
+
+    # The stored arrays of the members, carried through the loop and cut alike.
+    arrays0: list[jax.Array] = []
+    cuts: list[_ArrayCut] = []
+    slots: dict[int, tuple[int, ...]] = {}
+    for s in members:
+        x = s_leaves[s]
+        if is_quantized(x):
+            cut = _codes_cut(ch, x)
+            idx = [len(arrays0)]
+            arrays0.append(jnp.asarray(x.codes).reshape(cut.view))
+            cuts.append(cut)
+            scut = _scales_cut(ch, x)
+            if scut is not None:
+                idx.append(len(arrays0))
+                arrays0.append(jnp.asarray(x.scales).reshape(scut.view))
+                cuts.append(scut)
+            slots[s] = tuple(idx)
+        else:
+            slots[s] = (len(arrays0),)
+            arrays0.append(jnp.asarray(x).reshape(plain.view))
+            cuts.append(plain)
+    # The loop reads the old stored state from a copy and writes the new one in place; the
+    # whole-tree call reads the same copy. The copy is made after the previous parameter's
+    # loop (one parameter after the other), so only about one parameter's copy is alive.
+    n_stored = len(arrays0)
+    zero = None if dependency is None else zero_from([dependency])
+    old = [copy_after(a, zero) for a in arrays0]
+    grads3 = jnp.asarray(u_leaves[k]).reshape(plain.view)
+    params3 = None if p_leaves is None else jnp.asarray(p_leaves[k]).reshape(plain.view)
+    u_place = [_placeholder(x) for x in u_leaves]
+    p_place = None if p_leaves is None else [_placeholder(x) for x in p_leaves]
+    s_place = [x if len(x.shape) == 0 else _placeholder(jax.ShapeDtypeStruct(x.shape, x.dtype))
+               for x in s_leaves]
+
+    def one_chunk(outer, start, rows, remainder, arrays):
+        arrays = list(arrays)
+        cshape = ch.chunk_shape(rows)
+        j = start // ch.rows  # chunk index within the outer index (n_main for the remainder)
+
+        def rows_of(i):
+            return cuts[i].rem_rows if remainder else cuts[i].rows
+
+        def start_of(i):
+            return start if cuts[i].rows == ch.rows else j * cuts[i].rows
+
+        u_in = list(u_place)
+        u_in[k] = _slice_rows(grads3, outer, start, rows).reshape(cshape)
+        p_in = None
+        if p_place is not None:
+            p_in = list(p_place)
+            p_in[k] = _slice_rows(params3, outer, start, rows).reshape(cshape)
+        # Reads come from the copy, writes go to the carried arrays (never read in the loop),
+        # so XLA updates them in place.
+        reads = [_slice_rows(old[i], outer, start_of(i), rows_of(i)) for i in range(n_stored)]
+        s_in = list(s_place)
+        for s in members:
+            x, idx = s_leaves[s], slots[s]
+            if is_quantized(x):
+                scales = reads[idx[1]] if len(idx) > 1 else jnp.zeros((0,), jnp.float32)
+                value = dequantize_piece(reads[idx[0]], scales, x.format,
+                                         _piece_view(ch, x, rows), x.nonneg)
+                s_in[s] = value.reshape(cshape).astype(x.dtype)
+            else:
+                s_in[s] = reads[idx[0]].reshape(cshape)
+        new_u_tree, new_s_tree = inner.update(
+            u_def.unflatten(u_in), s_def.unflatten(s_in),
+            None if p_def is None else p_def.unflatten(p_in), **extra_args)
+        del new_u_tree  # this chunk's update is not needed (computed in the whole-tree call)
+        new_s_flat = s_def.flatten_up_to(new_s_tree)
+        offset = (outer * ch.shape[ch.axis] + start) * ch.inner
+        writes: list[Any] = [None] * n_stored
+        for s in members:
+            x, idx = s_leaves[s], slots[s]
+            value = new_s_flat[s]
+            if is_quantized(x):
+                u = None
+                if seeds[s] is not None:
+                    u = uniform_from_counter(seeds[s], cshape, offset)
+                codes, scales = quantize_piece(value.astype(x.dtype).astype(jnp.float32),
+                                               x.format, _piece_view(ch, x, rows), x.nonneg, u)
+                writes[idx[0]] = codes
+                if len(idx) > 1:
+                    writes[idx[1]] = scales
+            else:
+                writes[idx[0]] = value
+        for i in range(n_stored):
+            arrays[i] = _update_rows(arrays[i], writes[i], outer, start_of(i))
+        return arrays
+
+    carry = arrays0
+    if ch.n_main:
+        def body(i, carry):
+            outer = i // ch.n_main
+            start = (i % ch.n_main) * ch.rows
+            return one_chunk(outer, start, ch.rows, False, carry)
+
+        carry = lax.fori_loop(0, ch.n_outer * ch.n_main, body, carry)
+    if ch.rem:
+        def rem_body(outer, carry):
+            start = jnp.asarray(ch.n_main * ch.rows, jnp.int32)
+            return one_chunk(outer, start, ch.rem, True, carry)
+
+        carry = lax.fori_loop(0, ch.n_outer, rem_body, carry)
+
+    def rebuild(arrays):
+        out: dict[int, Any] = {}
+        for s in members:
+            x, idx = s_leaves[s], slots[s]
+            if is_quantized(x):
+                codes = arrays[idx[0]].reshape(x.format.codes_shape(x.shape))
+                scales = (arrays[idx[1]].reshape(jnp.shape(x.scales)) if len(idx) > 1
+                          else jnp.asarray(x.scales))
+                out[s] = dataclasses.replace(x, codes=codes, scales=scales)
+            else:
+                out[s] = arrays[idx[0]].reshape(x.shape)
+        return out
+
+    return rebuild(carry), rebuild(old)
