@@ -15,7 +15,7 @@ Import it as ``from tests import helpers``.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import chex
 import jax
@@ -137,3 +137,11 @@ def run_pair(ours, theirs, params, noise):
         return p, s
 
     return run(ours), run(theirs)
+
+
+def jit_traced_once(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``jax.jit(fn)`` that fails (``chex.assert_max_traces``) if ``fn`` is traced twice, e.g. a
+    step that recompiles at a reset boundary or on restored arrays. The trace counters are
+    cleared first: chex keys them by the definition site, which repeats across test cases."""
+    chex.clear_trace_counter()
+    return jax.jit(chex.assert_max_traces(fn, n=1))

@@ -18,6 +18,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import optstate
+from tests import helpers
 from optstate import sharding
 from optstate import QuantizedArray, dequantize, is_quantized
 
@@ -122,11 +123,9 @@ def sharded_run(tx, mesh, stage, like=PARAMS, loss=loss_fn, steps=STEPS):
 
 
 def assert_trees_close(got, want, rtol=1e-5, atol=1e-6):
-    """Leaf by leaf, naming the path of the first leaf that differs."""
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol,
-                                   err_msg=jax.tree_util.keystr(path))
+    """Sharded against unsharded results, with this file's tolerances."""
+    helpers.assert_trees_close(got, want, "sharded result", rtol=rtol, atol=atol,
+                               check_dtype=False)
 
 
 def total_bytes(tree):
