@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optstate._core.base import GradientTransformation, with_extra_args_support
-from optstate._core.leaves import is_boxed, unbox
+from optstate._core.leaves import is_boxed, path_str, unbox
 from optstate._core.types import OptState, PyTree
 from optstate.quantization.array import is_quantized
 
@@ -88,8 +88,8 @@ def unchanged_count(old: Any, new: Any) -> tuple[jax.Array, int]:
 def _check_pair(old_state: PyTree, new_state: PyTree, context: str):
     old_flat = state_leaves(old_state)
     new_flat = state_leaves(new_state)
-    old_paths = [jax.tree_util.keystr(p) for p, _ in old_flat]
-    new_paths = [jax.tree_util.keystr(p) for p, _ in new_flat]
+    old_paths = [path_str(p) for p, _ in old_flat]
+    new_paths = [path_str(p) for p, _ in new_flat]
     if old_paths != new_paths:
         missing = sorted(set(old_paths) - set(new_paths))
         extra = sorted(set(new_paths) - set(old_paths))
@@ -144,7 +144,7 @@ def stall_fraction(old_state: PyTree, new_state: PyTree) -> dict[str, jax.Array]
 
 
 def _measured_paths(state: PyTree) -> list[str]:
-    return [jax.tree_util.keystr(p) for p, leaf in state_leaves(state) if _is_measured(leaf)]
+    return [path_str(p) for p, leaf in state_leaves(state) if _is_measured(leaf)]
 
 
 class TrackStalenessState(NamedTuple):

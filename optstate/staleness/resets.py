@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optstate._core.base import GradientTransformation, with_extra_args_support
-from optstate._core.leaves import field_names, unbox
+from optstate._core.leaves import field_names, path_str, unbox
 from optstate._core.types import OptState, PyTree
 from optstate.quantization.array import is_quantized
 from optstate.staleness.measure import is_state_leaf, stored_array, unchanged_count
@@ -180,8 +180,8 @@ def _select_reset(reset: jax.Array, fresh: PyTree, state: PyTree, mask: list[boo
     """``fresh`` where ``mask`` and ``reset``, else ``state``; a jittable per-leaf select."""
     flat, treedef = _flatten(state)
     fresh_flat, _ = _flatten(fresh)
-    paths = [jax.tree_util.keystr(p) for p, _ in flat]
-    fresh_paths = [jax.tree_util.keystr(p) for p, _ in fresh_flat]
+    paths = [path_str(p) for p, _ in flat]
+    fresh_paths = [path_str(p) for p, _ in fresh_flat]
     if paths != fresh_paths:
         raise ValueError(
             f"{context}: the inner transform's init state does not have the structure of the "
@@ -390,7 +390,7 @@ def adaptive_reset(
                 continue
             if jnp.shape(stored_array(o)) != jnp.shape(stored_array(nw)):
                 raise ValueError(
-                    f"{context}: leaf {jax.tree_util.keystr(path)} changed its stored shape "
+                    f"{context}: leaf {path_str(path)} changed its stored shape "
                     f"from {jnp.shape(stored_array(o))} to {jnp.shape(stored_array(nw))}."
                 )
             count, size = unchanged_count(o, nw)
