@@ -8,21 +8,29 @@ Trains the embedded task (a byte-level transformer on Python's stdlib sources,
   arrays that live on it), next to ZeRO's prediction ``P, G, S`` / ``N`` by stage;
 * XLA's own per-device memory analysis of the compiled, donated train step;
 * the largest difference of the final parameters from plain data parallelism (stage 0: the
-  same devices and batches, state replicated), which must be zero, and from the same steps
+  same devices and batches, state replicated), which must be zero (on an Explicit mesh,
+  under 1e-4 of a step: there fp32 AdamW at stage 1 differs from stage 0 in the last bit of
+  a few parameters, float32 rounding of a differently compiled step), and from the same steps
   run on a single device, next to the difference that merely reversing the order of the
   batch rows makes on one device (the size of a summation-order effect).
 
     python examples/sharded_training.py [--steps 5] [--formats fp32 int8] [--quick]
+                                        [--mesh auto|explicit] [--no-set-mesh]
 
 The recipe is two lines (plus the usual in/out shardings on the jitted step)::
 
     state_sh = optstate.sharding.state_shardings(tx, params, mesh, stage=1)
     state = jax.jit(tx.init, out_shardings=state_sh)(params)
+
+It runs the same on a mesh with Auto axes (the default here, as in the README's table) and on
+one with Explicit axes (``--mesh explicit``: ``jax.make_mesh((8,), ("data",))`` as JAX 0.10
+makes it by default), inside ``jax.set_mesh`` or not (``--no-set-mesh``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -67,8 +75,9 @@ def nbytes(tree) -> int:
     return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
-def run(params, loss_fn, tx, batches, mesh, stage):
-    """``len(batches)`` steps at ZeRO ``stage`` (``mesh=None``: unsharded, one device).
+def run(params, loss_fn, tx, batches, mesh, stage, set_mesh=True):
+    """``len(batches)`` steps at ZeRO ``stage`` (``mesh=None``: unsharded, one device), inside
+    ``jax.set_mesh(mesh)`` when ``set_mesh``.
 
     Returns the final parameters and state, and device 0's measured bytes of parameters,
     gradients and state, and XLA's peak for the compiled step.
@@ -87,7 +96,13 @@ def run(params, loss_fn, tx, batches, mesh, stage):
     g_sh = sharding.grad_shardings(params, mesh, stage=stage)
     full_sh = sharding.param_shardings(params, mesh, stage=0)
     b_sh = NamedSharding(mesh, PartitionSpec("data"))
-    with jax.set_mesh(mesh):
+    if AxisType.Explicit in mesh.axis_types:
+        # The Flax model's embedding lookup does not name its output sharding, which an
+        # Explicit axis requires: run the forward pass with the axes switched to Auto. The
+        # optimizer needs no such help.
+        loss_fn = jax.sharding.auto_axes(loss_fn,
+                                         out_sharding=NamedSharding(mesh, PartitionSpec()))
+    with jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext():
         p = jax.device_put(params, p_sh)
         s = jax.jit(tx.init, out_shardings=s_sh)(p)
         step = jax.jit(lambda p, s, b: _step(p, s, b, loss_fn, tx, full_sh, g_sh),
@@ -149,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--formats", nargs="+", default=["fp32", "int8"])
     parser.add_argument("--quick", action="store_true", help="a smaller model")
+    parser.add_argument("--mesh", choices=["auto", "explicit"], default="auto",
+                        help="the axis type of the mesh (explicit: jax.make_mesh's default)")
+    parser.add_argument("--no-set-mesh", action="store_true",
+                        help="run the sharded steps outside jax.set_mesh")
     args = parser.parse_args(argv)
     n = jax.device_count()
     if n < 2:
@@ -160,9 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     loss_fn = make_loss_fn(graphdef)
     corpus = load_corpus()
     batches = [corpus.train_batch(SEED, t, BATCH, config.seq_len) for t in range(args.steps)]
-    mesh = jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,))
+    if args.mesh == "explicit":
+        mesh = jax.make_mesh((n,), ("data",))  # Explicit axes: JAX 0.10's default
+    else:
+        mesh = jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,))
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"{n} devices, mesh axis 'data'; {n_params:,} parameters; {args.steps} AdamW steps, "
+    print(f"{n} devices, mesh axis 'data' ({mesh.axis_types[0]}"
+          f"{'' if args.no_set_mesh else ', under jax.set_mesh'}); "
+          f"{n_params:,} parameters; {args.steps} AdamW steps, "
           f"batch {BATCH} x {config.seq_len} bytes\n")
     header = (f"{'format':6} {'stage':>5} | {'params KiB':>10} {'(ZeRO)':>8} | "
               f"{'grads KiB':>9} {'(ZeRO)':>8} | {'state KiB':>9} {'(ZeRO)':>8} | "
@@ -170,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     ok = True
+    stage_atol = 0.0 if args.mesh == "auto" else 1e-4 * LR  # see the module docstring
     for fmt in args.formats:
         tx = make_tx(fmt)
         start = time.perf_counter()
@@ -178,12 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         s_total = nbytes(want_state)
         stage0 = None
         for stage in sharding.STAGES:
-            got, _, m = run(params, loss_fn, tx, batches, mesh, stage)
+            got, _, m = run(params, loss_fn, tx, batches, mesh, stage, not args.no_set_mesh)
             got = jax.tree.map(np.asarray, got)
             stage0 = got if stage0 is None else stage0
             z = sharding.zero_bytes(p_total, g_total, s_total, n, stage=stage)
             # ZeRO must not change the numbers of data parallelism: equal to stage 0
-            same = close(got, stage0, atol=0.0)
+            same = close(got, stage0, atol=stage_atol)
             if fmt == "fp32":  # and fp32 data parallelism equals one device up to rounding
                 same &= close(got, want, atol=1e-2 * LR)
             ok &= same
@@ -202,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
           "(biases of odd size, scalars, counters), which stay replicated.")
     print("|dp|/lr: the largest parameter difference, in Adam steps, from plain data "
           "parallelism (stage 0, state replicated) and from one device.")
-    print("ZeRO stages 1-3 equal stage 0 exactly, and fp32 equals one device within 1e-5 rel "
-          "/ 1e-2 lr:", "yes" if ok else "NO")
+    print(f"ZeRO stages 1-3 equal stage 0 "
+          f"{'exactly' if stage_atol == 0 else 'within 1e-5 rel / 1e-4 lr'}, and fp32 equals "
+          f"one device within 1e-5 rel / 1e-2 lr:", "yes" if ok else "NO")
     print("(One device adds the batch sum in another order; 8-bit state turns such last-bit "
           "differences into a different code now and then, as reversing the batch shows.)")
     return 0 if ok else 1

@@ -1,7 +1,11 @@
 """The classic optimizers, each a :func:`~optstate.chain` of building blocks.
 
 Each alias has Optax's signature, defaults and numerics, and the same chain layout (so the
-state of ``optstate.adam`` is laid out like that of ``optax.adam``). Each docstring ends with
+state of ``optstate.adam`` is laid out like that of ``optax.adam``). Each checks the
+hyperparameters it is given (:mod:`optstate._core.checks`): a Python or NumPy number out of
+its range, NaN, an infinity, a string or a non-scalar array raises an error that names the
+alias, the argument and the value; arrays (e.g. from :func:`optstate.inject_hyperparams`)
+are checked for shape and dtype only. Each docstring ends with
 a one-step example on a two-element parameter, run as a doctest by ``tests/test_doctests.py``.
 """
 
@@ -12,6 +16,13 @@ from typing import Any
 import jax.numpy as jnp
 
 from optstate._core.base import GradientTransformation, chain, identity
+from optstate._core.checks import (
+    called_as,
+    check_dtype,
+    check_int,
+    check_learning_rate,
+    check_scalar,
+)
 from optstate._core.types import MaskOrFn, ScalarOrSchedule
 from optstate.transforms.adadelta import scale_by_adadelta
 from optstate.transforms.adam import scale_by_adam
@@ -65,12 +76,17 @@ def sgd(
       >>> [round(float(x), 4) for x in new_params["w"]]
       [0.95, -1.95]
     """
-    first = (
-        trace(decay=momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
-        if momentum is not None
-        else identity()
-    )
-    return chain(first, scale_by_learning_rate(learning_rate))
+    check_learning_rate(learning_rate, "sgd")
+    check_scalar("momentum", momentum, context="sgd", low=-1.0, high=1.0, allow_none=True,
+                 hint="momentum is the momentum coefficient (0.9 is usual).")
+    check_dtype("accumulator_dtype", accumulator_dtype, "sgd")  # also without momentum
+    with called_as("sgd"):
+        first = (
+            trace(decay=momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
+            if momentum is not None
+            else identity()
+        )
+        return chain(first, scale_by_learning_rate(learning_rate))
 
 
 def adam(
@@ -115,11 +131,13 @@ def adam(
       >>> [round(float(x), 4) for x in new_params["w"]]
       [0.9, -1.9]
     """
-    return chain(
-        scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
-                      nu_dtype=nu_dtype, nesterov=nesterov),
-        scale_by_learning_rate(learning_rate),
-    )
+    check_learning_rate(learning_rate, "adam")
+    with called_as("adam"):
+        return chain(
+            scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
+                          nu_dtype=nu_dtype, nesterov=nesterov),
+            scale_by_learning_rate(learning_rate),
+        )
 
 
 def adamw(
@@ -168,12 +186,14 @@ def adamw(
       >>> [round(float(x), 4) for x in new_params["w"]]
       [0.899, -1.898]
     """
-    return chain(
-        scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
-                      nu_dtype=nu_dtype, nesterov=nesterov),
-        add_decayed_weights(weight_decay, mask),
-        scale_by_learning_rate(learning_rate),
-    )
+    check_learning_rate(learning_rate, "adamw")
+    with called_as("adamw"):
+        return chain(
+            scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
+                          nu_dtype=nu_dtype, nesterov=nesterov),
+            add_decayed_weights(weight_decay, mask),
+            scale_by_learning_rate(learning_rate),
+        )
 
 
 def adam_l2(
@@ -225,12 +245,14 @@ def adam_l2(
       >>> [round(float(x), 4) for x in new_params["w"]]
       [0.9, -1.9]
     """
-    return chain(
-        add_decayed_weights(weight_decay, mask),
-        scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
-                      nu_dtype=nu_dtype, nesterov=nesterov),
-        scale_by_learning_rate(learning_rate),
-    )
+    check_learning_rate(learning_rate, "adam_l2")
+    with called_as("adam_l2"):
+        return chain(
+            add_decayed_weights(weight_decay, mask),
+            scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
+                          nu_dtype=nu_dtype, nesterov=nesterov),
+            scale_by_learning_rate(learning_rate),
+        )
 
 
 def rmsprop(
@@ -284,13 +306,17 @@ def rmsprop(
       >>> [round(float(x), 4) for x in new_params["w"]]
       [0.6838, -1.6838]
     """
+    check_learning_rate(learning_rate, "rmsprop")
+    check_scalar("momentum", momentum, context="rmsprop", low=-1.0, high=1.0, allow_none=True,
+                 hint="momentum is the momentum coefficient (e.g. 0.9), or None for none.")
     rescale = scale_by_stddev if centered else scale_by_rms
-    return chain(
-        rescale(decay=decay, eps=eps, initial_scale=initial_scale, eps_in_sqrt=eps_in_sqrt,
-                bias_correction=bias_correction),
-        scale_by_learning_rate(learning_rate),
-        trace(decay=momentum, nesterov=nesterov) if momentum is not None else identity(),
-    )
+    with called_as("rmsprop"):
+        return chain(
+            rescale(decay=decay, eps=eps, initial_scale=initial_scale, eps_in_sqrt=eps_in_sqrt,
+                    bias_correction=bias_correction),
+            scale_by_learning_rate(learning_rate),
+            trace(decay=momentum, nesterov=nesterov) if momentum is not None else identity(),
+        )
 
 
 def adagrad(
@@ -324,10 +350,12 @@ def adagrad(
       >>> [round(float(x), 4) for x in new_params["w"]]
       [0.9155, -1.9155]
     """
-    return chain(
-        scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps),
-        scale_by_learning_rate(learning_rate),
-    )
+    check_learning_rate(learning_rate, "adagrad")
+    with called_as("adagrad"):
+        return chain(
+            scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps),
+            scale_by_learning_rate(learning_rate),
+        )
 
 
 def adadelta(
@@ -368,11 +396,13 @@ def adadelta(
       >>> [round(float(x), 4) for x in new_params["w"]]
       [0.9968, -1.9968]
     """
-    return chain(
-        add_decayed_weights(weight_decay, mask=weight_decay_mask),
-        scale_by_adadelta(rho=rho, eps=eps),
-        scale_by_learning_rate(learning_rate),
-    )
+    check_learning_rate(learning_rate, "adadelta", allow_none=True)
+    with called_as("adadelta"):
+        return chain(
+            add_decayed_weights(weight_decay, mask=weight_decay_mask),
+            scale_by_adadelta(rho=rho, eps=eps),
+            scale_by_learning_rate(learning_rate),
+        )
 
 
 def lamb(
@@ -415,12 +445,14 @@ def lamb(
       >>> [round(float(x), 4) for x in new_params["w"]]
       [0.8419, -1.8419]
     """
-    return chain(
-        scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
-        add_decayed_weights(weight_decay=weight_decay, mask=mask),
-        scale_by_trust_ratio(),
-        scale_by_learning_rate(learning_rate),
-    )
+    check_learning_rate(learning_rate, "lamb")
+    with called_as("lamb"):
+        return chain(
+            scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
+            add_decayed_weights(weight_decay=weight_decay, mask=mask),
+            scale_by_trust_ratio(),
+            scale_by_learning_rate(learning_rate),
+        )
 
 
 def lion(
@@ -461,11 +493,13 @@ def lion(
       >>> [round(float(x), 4) for x in new_params["w"]]
       [0.8999, -1.8998]
     """
-    return chain(
-        scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype),
-        add_decayed_weights(weight_decay, mask),
-        scale_by_learning_rate(learning_rate),
-    )
+    check_learning_rate(learning_rate, "lion")
+    with called_as("lion"):
+        return chain(
+            scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype),
+            add_decayed_weights(weight_decay, mask),
+            scale_by_learning_rate(learning_rate),
+        )
 
 
 def adafactor(
@@ -522,17 +556,33 @@ def adafactor(
       >>> [round(float(x), 4) for x in new_params["w"]]
       [0.8419, -1.8419]
     """
-    parts = [scale_by_factored_rms(factored, decay_rate, decay_offset, min_dim_size_to_factor,
-                                   eps)]
-    if clipping_threshold is not None:
-        parts.append(clip_by_block_rms(clipping_threshold))
-    if learning_rate is not None:
-        parts.append(scale_by_learning_rate(learning_rate, flip_sign=False))
-    if multiply_by_parameter_scale:
-        parts.append(scale_by_param_block_rms())
-    if momentum is not None:
-        parts.append(ema(momentum, debias=False, accumulator_dtype=dtype_momentum))
-    if weight_decay_rate is not None:
-        parts.append(add_decayed_weights(weight_decay_rate, mask=weight_decay_mask))
-    parts.append(scale(-1))
-    return chain(*parts)
+    # The arguments named differently from the building blocks', checked under their own names.
+    context = "adafactor"
+    check_learning_rate(learning_rate, context, allow_none=True)
+    check_int("decay_offset", decay_offset, context=context)
+    check_scalar("clipping_threshold", clipping_threshold, context=context, low=0.0,
+                 low_inclusive=False, allow_none=True,
+                 hint="clipping_threshold is the largest RMS of each leaf's update (1.0 is "
+                      "usual), or None for no clipping.")
+    check_scalar("momentum", momentum, context=context, low=0.0, high=1.0, allow_none=True,
+                 hint="momentum is the decay of an average of the updates, or None for none.")
+    check_dtype("dtype_momentum", dtype_momentum, context)
+    check_scalar("weight_decay_rate", weight_decay_rate, context=context, allow_none=True,
+                 allow_schedule=True)
+    check_scalar("eps", eps, context=context, low=0.0,
+                 hint="eps is added to the squared gradients (1e-30 is usual).")
+    with called_as(context):
+        parts = [scale_by_factored_rms(factored, decay_rate, decay_offset,
+                                       min_dim_size_to_factor, eps)]
+        if clipping_threshold is not None:
+            parts.append(clip_by_block_rms(clipping_threshold))
+        if learning_rate is not None:
+            parts.append(scale_by_learning_rate(learning_rate, flip_sign=False))
+        if multiply_by_parameter_scale:
+            parts.append(scale_by_param_block_rms())
+        if momentum is not None:
+            parts.append(ema(momentum, debias=False, accumulator_dtype=dtype_momentum))
+        if weight_decay_rate is not None:
+            parts.append(add_decayed_weights(weight_decay_rate, mask=weight_decay_mask))
+        parts.append(scale(-1))
+        return chain(*parts)

@@ -6,6 +6,11 @@ hyperparameter to :func:`optstate.inject_hyperparams`.
 
 Optax-style long names (``linear_schedule``, ``cosine_decay_schedule``, ...) are kept as
 aliases so that code written for Optax ports by changing the import.
+
+Each schedule checks the arguments it was given, under their own names, before deriving
+anything from them: values must be real scalars (not NaN or infinite), step counts real
+numbers, and ``warmup_cosine_decay`` says that ``decay_steps`` includes the warmup rather
+than reporting the derived length of its cosine part.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from optstate._core.checks import check_scalar, describe
 from optstate._core.types import Schedule
 
 __all__ = [
@@ -28,6 +34,20 @@ __all__ = [
 Scalar = float | jax.Array
 
 
+def _values(context: str, **values: object) -> None:
+    """Checks that each of ``values`` (a schedule's value arguments) is a finite real scalar;
+    ``None`` entries are skipped (optional arguments)."""
+    for name, value in values.items():
+        if value is not None:
+            check_scalar(name, value, context=context)
+
+
+def _steps(context: str, **steps: object) -> None:
+    """Checks that each of ``steps`` (step counts and boundaries) is a finite real number."""
+    for name, value in steps.items():
+        check_scalar(name, value, context=context, hint=f"{name} is a number of steps.")
+
+
 def constant(value: Scalar) -> Schedule:
     """The constant schedule :math:`\\eta_t = v`.
 
@@ -39,6 +59,8 @@ def constant(value: Scalar) -> Schedule:
 
     Reference: Optax, ``constant_schedule``.
     """
+
+    _values("constant", value=value)
 
     def schedule(count: jax.Array | int) -> jax.Array:
         return jnp.broadcast_to(jnp.asarray(value), jnp.shape(count))
@@ -66,8 +88,22 @@ def polynomial(init_value: Scalar, end_value: Scalar, power: Scalar, transition_
     Returns:
       The schedule.
 
+    Raises:
+      TypeError, ValueError: an argument is not a finite real scalar (naming it).
+
     Reference: polynomial decay as in TensorFlow/Optax (``polynomial_schedule``).
     """
+    return _polynomial("polynomial", init_value, end_value, power, transition_steps,
+                       transition_begin)
+
+
+def _polynomial(context: str, init_value: Scalar, end_value: Scalar, power: Scalar,
+                transition_steps: int, transition_begin: int) -> Schedule:
+    """:func:`polynomial`, its arguments checked under the name of the function called."""
+    _values(context, init_value=init_value, end_value=end_value)
+    if context == "polynomial":
+        _values(context, power=power)
+    _steps(context, transition_steps=transition_steps, transition_begin=transition_begin)
     if transition_steps <= 0:
         return constant(init_value)
     begin = max(int(transition_begin), 0)
@@ -99,10 +135,13 @@ def linear(init_value: Scalar, end_value: Scalar, transition_steps: int,
     Returns:
       The schedule.
 
+    Raises:
+      TypeError, ValueError: an argument is not a finite real scalar (naming it).
+
     Reference: linear warmup, Goyal et al., "Accurate, Large Minibatch SGD: Training
     ImageNet in 1 Hour", 2017; Optax ``linear_schedule``.
     """
-    return polynomial(init_value, end_value, 1, transition_steps, transition_begin)
+    return _polynomial("linear", init_value, end_value, 1, transition_steps, transition_begin)
 
 
 def cosine_decay(init_value: Scalar, decay_steps: int, alpha: Scalar = 0.0,
@@ -125,14 +164,22 @@ def cosine_decay(init_value: Scalar, decay_steps: int, alpha: Scalar = 0.0,
       The schedule.
 
     Raises:
-      ValueError: ``decay_steps`` is not positive.
+      ValueError: ``decay_steps`` is not positive; TypeError, ValueError: an argument is not
+        a finite real scalar (naming it).
 
     Reference: Loshchilov & Hutter, "SGDR: Stochastic Gradient Descent with Warm
     Restarts", ICLR 2017.
     """
-    if not decay_steps > 0:
-        raise ValueError(
-            f"cosine_decay: decay_steps must be positive, got decay_steps={decay_steps}.")
+    return _cosine_decay("cosine_decay", init_value, decay_steps, alpha, exponent)
+
+
+def _cosine_decay(context: str, init_value: Scalar, decay_steps: int, alpha: Scalar,
+                  exponent: Scalar) -> Schedule:
+    """:func:`cosine_decay`; ``context`` names the function called (for its checks)."""
+    if context == "cosine_decay":
+        _values(context, init_value=init_value, alpha=alpha, exponent=exponent)
+        check_scalar("decay_steps", decay_steps, context=context, low=0.0, low_inclusive=False,
+                     hint="decay_steps is the number of steps of the decay.")
     total = float(decay_steps) if isinstance(decay_steps, int) else decay_steps
 
     def schedule(count: jax.Array | int) -> jax.Array:
@@ -170,12 +217,29 @@ def warmup_cosine_decay(init_value: Scalar, peak_value: Scalar, warmup_steps: in
     Returns:
       The schedule.
 
+    Raises:
+      ValueError: ``decay_steps`` does not exceed ``warmup_steps`` (naming both), or
+        ``warmup_steps`` is negative; TypeError, ValueError: an argument is not a finite real
+        scalar (naming it).
+
     Reference: Goyal et al. 2017 (warmup); Loshchilov & Hutter, ICLR 2017 (cosine).
     """
+    context = "warmup_cosine_decay"
+    _values(context, init_value=init_value, peak_value=peak_value, end_value=end_value,
+            exponent=exponent)
+    check_scalar("warmup_steps", warmup_steps, context=context, low=0.0,
+                 hint="warmup_steps is the number of steps of the linear warmup.")
+    _steps(context, decay_steps=decay_steps)
+    if not decay_steps > warmup_steps:
+        raise ValueError(
+            f"{context}: decay_steps is the total length of the schedule, warmup included "
+            f"(as in Optax), so it must exceed warmup_steps; got warmup_steps={warmup_steps!r}"
+            f", decay_steps={decay_steps!r}. For {decay_steps!r} steps of cosine decay after "
+            f"the warmup, pass decay_steps={warmup_steps + decay_steps!r}.")
     alpha = 0.0 if peak_value == 0.0 else end_value / peak_value
     return join(
-        [linear(init_value, peak_value, warmup_steps),
-         cosine_decay(peak_value, decay_steps - warmup_steps, alpha, exponent)],
+        [_polynomial(context, init_value, peak_value, 1, warmup_steps, 0),
+         _cosine_decay(context, peak_value, decay_steps - warmup_steps, alpha, exponent)],
         [warmup_steps],
     )
 
@@ -204,8 +268,17 @@ def exponential_decay(init_value: Scalar, transition_steps: int, decay_rate: flo
     Returns:
       The schedule.
 
+    Raises:
+      ValueError: ``decay_rate`` negative (its fractional powers are NaN); TypeError,
+        ValueError: an argument is not a finite real scalar (naming it).
+
     Reference: TensorFlow/Optax ``exponential_decay``.
     """
+    context = "exponential_decay"
+    _values(context, init_value=init_value, end_value=end_value)
+    _steps(context, transition_steps=transition_steps, transition_begin=transition_begin)
+    check_scalar("decay_rate", decay_rate, context=context, low=0.0,
+                 hint="decay_rate is the factor applied every transition_steps (e.g. 0.5).")
     if transition_steps <= 0 or decay_rate == 0:
         return constant(init_value)
     begin = max(int(transition_begin), 0)
@@ -243,16 +316,24 @@ def piecewise_constant(init_value: Scalar,
 
     Raises:
       ValueError: a scale is negative.
+      TypeError: ``boundaries_and_scales`` is not a mapping; TypeError, ValueError:
+        ``init_value``, a boundary or a scale is not a finite real number (naming it).
 
     Reference: step decay as in He et al., "Deep Residual Learning for Image Recognition",
     CVPR 2016; Optax ``piecewise_constant_schedule``.
     """
+    context = "piecewise_constant"
+    _values(context, init_value=init_value)
+    if boundaries_and_scales is not None and not isinstance(boundaries_and_scales, Mapping):
+        raise TypeError(
+            f"{context}: boundaries_and_scales must be a dict {{boundary step: scale}}, e.g. "
+            f"{{1000: 0.1, 2000: 0.1}}; got {describe(boundaries_and_scales)}.")
+    for boundary, factor in (boundaries_and_scales or {}).items():
+        check_scalar(f"boundaries_and_scales key {boundary!r}", boundary, context=context,
+                     hint="Keys are step boundaries.")
+        check_scalar(f"boundaries_and_scales[{boundary!r}]", factor, context=context, low=0.0,
+                     hint="Values are the non-negative factors applied from their boundary on.")
     items = sorted((boundaries_and_scales or {}).items())
-    negative = [(b, s) for b, s in items if not s >= 0.0]
-    if negative:
-        raise ValueError(
-            f"piecewise_constant: scales must be non-negative; got {negative} "
-            "as (boundary, scale).")
     if not items:
         return constant(init_value)
 
@@ -283,7 +364,8 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
       The joined schedule.
 
     Raises:
-      ValueError: ``len(boundaries) != len(schedules) - 1``.
+      ValueError: ``len(boundaries) != len(schedules) - 1``, or the boundaries decrease.
+      TypeError: a schedule is not callable, or a boundary not a real number (naming it).
 
     Reference: Optax ``join_schedules``.
     """
@@ -293,6 +375,15 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
         raise ValueError(
             f"join: expected len(boundaries) == len(schedules) - 1; got {len(schedules)} "
             f"schedules and {len(boundaries)} boundaries ({boundaries}).")
+    for i, s in enumerate(schedules):
+        if not callable(s) or hasattr(s, "dtype"):
+            raise TypeError(
+                f"join: schedules[{i}] must be a schedule (a function step -> value); got "
+                f"{describe(s)}. For a constant use optstate.schedules.constant(value).")
+    for i, b in enumerate(boundaries):
+        check_scalar(f"boundaries[{i}]", b, context="join")
+    if any(b > c for b, c in zip(boundaries, boundaries[1:])):
+        raise ValueError(f"join: boundaries must be increasing; got {boundaries}.")
 
     def schedule(count: jax.Array | int) -> jax.Array:
         value = schedules[0](count)

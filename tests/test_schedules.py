@@ -110,7 +110,7 @@ def test_reachable_and_optax_aliases():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="decay_steps must be positive"):
+    with pytest.raises(ValueError, match=r"decay_steps must be .* > 0; got decay_steps=0"):
         S.cosine_decay(1.0, 0)
     with pytest.raises(ValueError, match="non-negative"):
         S.piecewise_constant(1.0, {10: -0.5})

@@ -12,11 +12,12 @@ The shapes of these objects match Optax's exactly, so that ``flax.nnx.Optimizer`
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, Callable, Mapping, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 
+from optstate._core.checks import check_transform, describe
 from optstate._core.tree_checks import check_same_tree
 
 # Re-exported (see __all__): other packages import these names from here; their home is
@@ -95,20 +96,29 @@ def with_extra_args_support(tx: GradientTransformation) -> GradientTransformatio
     accepts and ignores keyword arguments it does not declare.
 
     Args:
-      tx: any gradient transformation.
+      tx: any gradient transformation, or a plain ``(init, update)`` pair of functions.
 
     Returns:
       ``tx`` itself (as a :class:`GradientTransformation`) when its ``update`` already takes
       ``**extra_args``, else a transform with the same ``init`` whose ``update`` drops them.
+
+    Raises:
+      TypeError: ``tx`` is not a transform (e.g. the number 3, or the factory
+        ``optstate.adam`` not yet called).
     """
-    if _accepts_extra_args(tx.update):
-        return GradientTransformation(tx.init, tx.update)
+    check_transform(tx, "with_extra_args_support", name="tx")
+    if hasattr(tx, "init"):
+        init, inner_update = tx.init, tx.update
+    else:
+        init, inner_update = tx
+    if _accepts_extra_args(inner_update):
+        return GradientTransformation(init, inner_update)
 
     def update(updates, state, params=None, **extra_args):
         del extra_args
-        return tx.update(updates, state, params)
+        return inner_update(updates, state, params)
 
-    return GradientTransformation(tx.init, update)
+    return GradientTransformation(init, update)
 
 
 def identity() -> GradientTransformation:
@@ -155,18 +165,28 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
       (the layout of ``optax.chain``).
 
     Raises:
+      TypeError: an argument is not a transform (naming its position); at ``update``, the
+        state is not a tuple (e.g. the state of a single transform).
       ValueError: at ``update``, the state tuple has the wrong number of entries.
     """
+    for i, t in enumerate(transforms):
+        check_transform(t, "chain", position=i)
     wrapped = tuple(with_extra_args_support(t) for t in transforms)
 
     def init(params):
         return tuple(t.init(params) for t in wrapped)
 
     def update(updates, state, params=None, **extra_args):
+        if not isinstance(state, (tuple, list)) or hasattr(state, "_fields"):
+            raise TypeError(
+                f"chain: expected the state made by this chain's init, a tuple of "
+                f"{len(wrapped)} entries (one per transform); got {describe(state)}. Pass the "
+                f"state returned by this chain's init (state = tx.init(params)).")
         if len(state) != len(wrapped):
             raise ValueError(
                 f"chain: expected a state tuple of {len(wrapped)} entries (one per transform), "
-                f"got {len(state)}."
+                f"got {len(state)}. Pass the state returned by this chain's init "
+                f"(state = tx.init(params))."
             )
         new_state = []
         for t, s in zip(wrapped, state):
@@ -187,8 +207,15 @@ def named_chain(*named_transforms: tuple[str, GradientTransformation]) -> Gradie
       A :class:`GradientTransformation` whose state is ``{name: state of that transform}``.
 
     Raises:
+      TypeError: an argument is not a ``(name, transform)`` pair (naming its position).
       ValueError: two names are equal, or (at ``update``) the state lacks a name.
     """
+    for i, pair in enumerate(named_transforms):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], str):
+            raise TypeError(
+                f"named_chain: argument {i} must be a (name, transform) pair with a string "
+                f"name, e.g. ('adam', optstate.adam(1e-3)); got {describe(pair)}.")
+        check_transform(pair[1], "named_chain", position=i, name=repr(pair[0]))
     names = [name for name, _ in named_transforms]
     if len(set(names)) != len(names):
         raise ValueError(f"named_chain: names must be unique, got {names}.")
@@ -198,6 +225,11 @@ def named_chain(*named_transforms: tuple[str, GradientTransformation]) -> Gradie
         return {name: t.init(params) for name, t in wrapped}
 
     def update(updates, state, params=None, **extra_args):
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"named_chain: expected the state made by this named_chain's init, a dict "
+                f"with keys {names}; got {describe(state)}. Pass the state returned by its "
+                f"init (state = tx.init(params)).")
         new_state = {}
         for name, t in wrapped:
             if name not in state:

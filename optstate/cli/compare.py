@@ -16,7 +16,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from optstate.cli.args import UsageError, fail, integer, positive_int, split_names, unit_interval
+from optstate.cli.args import (
+    UsageError,
+    fail,
+    integer_in,
+    number_in,
+    positive_int,
+    split_names,
+)
 from optstate.cli.table import format_table
 from optstate.tasks.configs import (
     DEFAULT_CONFIGS,
@@ -40,6 +47,13 @@ DEFAULT_TIMING_REPEATS = 10
 QUICK_TIMING_REPEATS = 5
 MIB = 2**20
 DEMO_PACKAGES = ("flax", "matplotlib", "tqdm")
+MAX_B2 = 0.99999
+"""The largest ``--b2``: the demo trains in float32, whose spacing just below 1 (2**-24)
+rounds ``1 - b2`` by up to 0.3% at 1e-5, and by more (up to all of it) closer to 1; the
+moments and their bias correction would then silently use another decay than the one asked."""
+MAX_SEED = 2**32 - 1
+"""The largest ``--seed``: JAX's keys keep the low 32 bits of a seed (with 64-bit mode off),
+so larger seeds would silently repeat smaller ones."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,11 +69,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"a short run ({QUICK_STEPS} steps, fewer timing repeats)")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                         help=f"directory for results.json and the plots (default ./{DEFAULT_OUT})")
-    parser.add_argument("--seed", type=integer, default=0,
-                        help="seed of the initial parameters and the batch order (default 0)")
-    parser.add_argument("--b2", type=unit_interval, default=Hyperparameters().b2,
-                        help="Adam's second-moment decay (default %(default)s, a 100-step memory "
-                        "that fits the short runs; Adam's usual 0.999 remembers 1000 steps)")
+    parser.add_argument("--seed", default=0, type=integer_in(
+                            0, MAX_SEED, high_note=" (JAX keeps 32 bits of a seed)"),
+                        help="seed of the initial parameters and the batch order, "
+                        f"0 .. {MAX_SEED} (default 0)")
+    parser.add_argument("--b2", default=Hyperparameters().b2, type=number_in(
+                            0.0, MAX_B2, include_high=True,
+                            high_note=" (the demo trains in float32, which cannot hold 1 - b2 "
+                            "accurately below 1e-5)"),
+                        help=f"Adam's second-moment decay, in (0, {MAX_B2}] (default "
+                        "%(default)s, a 100-step memory that fits the short runs; Adam's usual "
+                        "0.999 remembers 1000 steps)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 

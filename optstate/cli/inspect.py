@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from optstate import checkpoint
+from optstate.cli.args import non_negative_int
 from optstate.cli.table import format_table
 
 NAME = "inspect"
@@ -25,7 +26,7 @@ HELP = "Show a checkpoint directory: steps, and per leaf path, shape, format, by
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds ``DIR [--step N] [--json]``."""
     parser.add_argument("directory", metavar="DIR", help="checkpoint directory")
-    parser.add_argument("--step", type=int, default=None,
+    parser.add_argument("--step", type=non_negative_int, default=None,
                         help="step to describe (default: the latest complete one)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (steps plus the step's full description)")

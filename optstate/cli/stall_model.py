@@ -3,6 +3,9 @@
 Prints the precision ratio, the steady-state stall probabilities under nearest and stochastic
 rounding, the reset period and the startup windows (Topollai & Choromanska, arXiv 2603.16731,
 2026), from :mod:`optstate.staleness`; ``--json`` prints the same numbers as one object.
+Every argument is checked while the command line is parsed (a bad one exits with code 2 and
+argparse's one-line error naming it), and the model answers in bounded time (well under a
+second) for any ``--b2`` in (0, 1).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import textwrap
 from typing import Any
 
 from optstate import staleness
-from optstate.cli.args import fail
+from optstate.cli.args import fail, probability, tolerance, unit_interval
 from optstate.cli.table import format_table
 
 NAME = "stall-model"
@@ -24,9 +27,19 @@ _DEFAULT_P0 = (0.25, 0.5, 0.75, 0.9, 0.99)
 
 
 def _format_arg(text: str) -> Any:
-    """A format name, or an int number of mantissa bits."""
+    """argparse type: a format name the staleness model knows, or an int number of mantissa
+    bits (1 to 52)."""
     text = text.strip()
-    return int(text) if text.isdigit() else text
+    value = int(text) if text.isdigit() else text
+    try:
+        staleness.float_format(value)
+    except (ValueError, TypeError) as error:
+        message = str(error)
+        raise argparse.ArgumentTypeError(message.removeprefix("format: ")) from None
+    return value
+
+
+_format_arg.__name__ = "format"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,15 +47,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", dest="fmt", required=True, type=_format_arg,
                         help="storage format: bf16, fp8_e4m3, fp8_e5m2, fp4_e2m2, fp16, fp32, "
                              "or an int number of mantissa bits")
-    parser.add_argument("--b2", type=float, required=True,
-                        help="EMA decay of the second moment, e.g. 0.999")
-    parser.add_argument("--s0", type=float, default=0.6,
-                        help="staleness tolerance s0 of the reset period (default 0.6)")
-    parser.add_argument("--p0", type=float, nargs="+", default=list(_DEFAULT_P0),
-                        help="stall probabilities whose startup windows are printed "
+    parser.add_argument("--b2", type=unit_interval, required=True,
+                        help="EMA decay of the second moment in (0, 1), e.g. 0.999 (any value "
+                             "in (0, 1) answers in well under a second)")
+    parser.add_argument("--s0", type=tolerance, default=0.6,
+                        help="staleness tolerance s0 of the reset period, in [0, 1) "
+                             "(default 0.6)")
+    parser.add_argument("--p0", type=probability, nargs="+", default=list(_DEFAULT_P0),
+                        help="stall probabilities in [0, 1] whose startup windows are printed "
                              f"(default {' '.join(map(str, _DEFAULT_P0))})")
-    parser.add_argument("--p-init", type=float, default=0.0,
-                        help="measured floor of elements that stall from the start (default 0)")
+    parser.add_argument("--p-init", type=tolerance, default=0.0,
+                        help="measured floor of elements that stall from the start, in [0, 1) "
+                             "(default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
 
 
@@ -67,7 +83,11 @@ def compute(fmt: Any, b2: float, s0: float = 0.6, p0s: Any = _DEFAULT_P0,
 
 
 def main(args: argparse.Namespace) -> int:
-    """Prints the model's numbers; returns 0, or 2 on invalid arguments (message on stderr)."""
+    """Prints the model's numbers; returns 0, or 2 on invalid arguments (message on stderr).
+
+    The parser has checked every argument already; the model's own checks stay as a guard
+    for callers that build ``args`` themselves.
+    """
     try:
         out = compute(args.fmt, args.b2, args.s0, args.p0, args.p_init)
     except (ValueError, TypeError) as err:

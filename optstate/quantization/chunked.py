@@ -37,6 +37,7 @@ from optstate.quantization.block import (
     quantize_piece,
     requantize_like,
 )
+from optstate.quantization.containment import keep_finite, keep_finite_leaves
 from optstate.quantization.ordering import copy_after, zero_from
 from optstate.quantization.randomness import uniform_from_counter
 
@@ -188,7 +189,8 @@ def chunked_leaves(chunk_elements: int, s_leaves: list[Any], owners: list[int | 
     return out
 
 
-def chunked_step(chunk_elements: int, inner: GradientTransformation, updates, s_leaves, s_def, params, extra_args, seeds, chunked):
+def chunked_step(chunk_elements: int, inner: GradientTransformation, updates, s_leaves, s_def,
+                 params, extra_args, seeds, chunked, owners):
     """The bounded-memory step for an inner update that is elementwise per parameter."""
     u_leaves, u_def = jax.tree.flatten(updates)
     p_leaves = None if params is None else jax.tree.flatten(params)[0]
@@ -224,9 +226,13 @@ def chunked_step(chunk_elements: int, inner: GradientTransformation, updates, s_
         None if p_def is None else p_def.unflatten(p_rest), **extra_args)
     new_u = list(jax.tree.leaves(new_u_rest))
     new_s = list(s_def.flatten_up_to(new_s_rest))
-    for s, x in enumerate(s_leaves):
-        if s not in chunked_state and is_quantized(x):
-            new_s[s] = requantize_like(x, new_s[s], seeds[s])
+    rest = [s for s in range(len(s_leaves)) if s not in chunked_state]
+    kept = keep_finite_leaves([s_leaves[s] for s in rest], [s_rest[s] for s in rest],
+                              [new_s[s] for s in rest],
+                              None if owners is None else [owners[s] for s in rest])
+    for s, value in zip(rest, kept):
+        x = s_leaves[s]
+        new_s[s] = requantize_like(x, value, seeds[s]) if is_quantized(x) else value
 
     for members in loops:
         for s, value in members.items():
@@ -317,11 +323,11 @@ def _chunk_loop(chunk_elements, inner, k, members, u_leaves, u_def, p_leaves, p_
             None if p_def is None else p_def.unflatten(p_in), **extra_args)
         del new_u_tree  # this chunk's update is not needed (computed in the whole-tree call)
         new_s_flat = s_def.flatten_up_to(new_s_tree)
+        kept = keep_finite([new_s_flat[s] for s in members], [s_in[s] for s in members])
         offset = (outer * ch.shape[ch.axis] + start) * ch.inner
         writes: list[Any] = [None] * n_stored
-        for s in members:
+        for s, value in zip(members, kept):
             x, idx = s_leaves[s], slots[s]
-            value = new_s_flat[s]
             if is_quantized(x):
                 u = None
                 if seeds[s] is not None:

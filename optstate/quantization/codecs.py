@@ -20,6 +20,10 @@ computes FP8/BF16 in float32 and would convert whole arrays where the step updat
 place. Non-negative state never stores zero for a positive value: a zero second moment in a
 denominator blows the update up.
 
+One non-finite value never poisons its block: scales are maxima over the finite values, an
+infinity saturates at the block's largest magnitude, and NaN is stored as NaN where the format
+has it (FP8, BF16) and as zero in a code book (which has none).
+
 :func:`pack_int4` / :func:`unpack_int4` store two 4-bit codes per byte; they are the one
 implementation used by the quantized state and by the stall measurement.
 """
@@ -55,8 +59,17 @@ class Codec(Protocol):
 
 
 def _absmax(x3: jax.Array) -> jax.Array:
-    """Per-block absolute maximum, keeping the block axis (``(rows, n_blocks, 1)``)."""
-    return jnp.max(jnp.abs(x3), axis=-1, keepdims=True)
+    """Per-block absolute maximum over the finite values, keeping the block axis
+    (``(rows, n_blocks, 1)``): one NaN or infinity cannot make its block's scale non-finite."""
+    magnitude = jnp.abs(x3)
+    return jnp.max(jnp.where(magnitude < jnp.inf, magnitude, 0.0), axis=-1, keepdims=True)
+
+
+def _normalized(x3: jax.Array, inverse: jax.Array) -> jax.Array:
+    """``x3 * inverse`` with NaN replaced by 0: a code book has no NaN (an infinity needs no
+    care: the encoder saturates it at the largest code)."""
+    y = x3 * inverse
+    return jnp.where(y == y, y, 0.0)
 
 
 def _safe_inverse(absmax: jax.Array, numerator: float = 1.0) -> jax.Array:
@@ -77,7 +90,7 @@ class CodebookCodec:
 
     def encode(self, x3, nonneg, u3):
         absmax = _absmax(x3)
-        codes3 = self.book(nonneg).encode(x3 * _safe_inverse(absmax), u3)
+        codes3 = self.book(nonneg).encode(_normalized(x3, _safe_inverse(absmax)), u3)
         return codes3, absmax[..., 0]
 
     def decode(self, codes3, scales, nonneg):
@@ -113,6 +126,8 @@ class ScaledFloatCodec:
         absmax = _absmax(x3)
         target = np.float32(self.target)
         limit = np.float32(self.grid.max_value)
+        # NaN stays NaN (the format has it: that one element, as in float32); an infinity
+        # saturates at the largest finite value; the scale ignores both.
         y = jnp.clip(x3 * _safe_inverse(absmax, target), -limit, limit)
         if u3 is not None:
             y = self.grid.round(y, u3)

@@ -28,11 +28,13 @@ from jax.sharding import PartitionSpec
 
 from optstate._core import _compat
 from optstate._core.base import GradientTransformation, with_extra_args_support
+from optstate._core.checks import check_transform
 from optstate._core.leaves import field_labels, is_boxed, leaves_with_paths, path_str, unbox
 from optstate.quantization import formats
 from optstate.quantization.array import QuantizedArray, is_quantized
 from optstate.quantization.block import dequantize, quantize_array, requantize_like
 from optstate.quantization.chunked import MIN_LOOP_ELEMENTS, chunked_leaves, chunked_step
+from optstate.quantization.containment import keep_finite_leaves
 from optstate.quantization.elementwise import Analysis, elementwise_owners
 from optstate.quantization.formats import StorageFormat
 
@@ -130,14 +132,43 @@ def _explicit_spec(x: Any) -> Any:
     return sharding.spec
 
 
+def _explicit_mesh(*trees: Any) -> Any:
+    """The (abstract) mesh in the types of the leaves of ``trees`` typed on a mesh with an
+    Explicit axis, or ``None`` when there are none.
+
+    Raises:
+      ValueError: the leaves are typed on different meshes (one line: which, and what to do).
+    """
+    meshes: list[Any] = []
+    for tree in trees:
+        for x in jax.tree.leaves(tree):
+            if _explicit_spec(x) is not None:
+                mesh = _compat.typed_sharding(x).mesh
+                if all(mesh != seen for seen in meshes):
+                    meshes.append(mesh)
+    if len(meshes) > 1:
+        raise ValueError(
+            f"quantize_state: the gradients, state and parameters are typed on different "
+            f"meshes ({meshes[0]} and {meshes[1]}); place them all on the one mesh given to "
+            f"optstate.sharding.state_shardings and param_shardings.")
+    return meshes[0] if meshes else None
+
+
 def _run_in_auto_mode(fn: Any, args: tuple, out_specs: Any) -> Any:
     """``fn(*args)`` with the mesh's Explicit axes switched to Auto, its outputs typed with
     ``out_specs``.
 
     Block quantization reshapes codes and scales (``(rows, n) -> (rows * n / B, B)``), which
     sharding-in-types rejects for sharded operands on Explicit axes; in Auto mode XLA's
-    partitioner handles them (blocks never straddle a shard, so no data moves)."""
-    return _compat.auto_axes(fn, out_sharding=out_specs)(*args)
+    partitioner handles them (blocks never straddle a shard, so no data moves).
+
+    The mesh is the one in the arguments' types, so no ``jax.set_mesh`` context is needed:
+    ``auto_axes`` given bare ``PartitionSpec`` objects takes the context mesh, and without one it
+    would run ``fn`` in Explicit mode (JAX 0.10's default ``jax.make_mesh``)."""
+    mesh = _explicit_mesh(*args)
+    out_shardings = jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), out_specs,
+                                 is_leaf=lambda s: isinstance(s, PartitionSpec))
+    return _compat.auto_axes(fn, out_sharding=out_shardings)(*args)
 
 
 def _specs_like(tree: Any) -> Any:
@@ -281,16 +312,13 @@ def quantize_state(inner: GradientTransformation, fmt: str = "int8", *,
       ValueError: unknown ``fmt`` or ``rounding``, or a bad ``block_size`` (the message lists
         what is accepted).
     """
+    check_transform(inner, "quantize_state")
     storage = formats.get(fmt)
     block = storage.block_size(block_size)
     if rounding not in ROUNDINGS:
         raise ValueError(f"quantize_state: unknown rounding {rounding!r}; expected one of "
                          f"{list(ROUNDINGS)}.")
-    if isinstance(keep, str):
-        keep = (keep,)
-    keep = tuple(keep)
-    for pattern in keep:
-        re.compile(pattern)
+    keep = _keep_patterns(keep)
     if not isinstance(min_size, (int, np.integer)) or min_size < 0:
         raise ValueError(f"quantize_state: min_size must be a non-negative integer; got "
                          f"{min_size!r}.")
@@ -301,8 +329,6 @@ def quantize_state(inner: GradientTransformation, fmt: str = "int8", *,
     chunk = None if chunk_elements is None else max(int(chunk_elements), 2 * max(block, 1))
     config = _Config(storage, block, int(min_size), rounding, keep, int(seed),
                      frozenset(NONNEG_FIELDS if nonneg_fields is None else nonneg_fields), chunk)
-    inner = with_extra_args_support(inner)
-
     inner = with_extra_args_support(inner)
     warned: list[str] = []  # the fallback reason already reported by this transform
 
@@ -340,6 +366,7 @@ def quantize_state(inner: GradientTransformation, fmt: str = "int8", *,
 
     def _update(updates, state, params=None, **extra_args):
         chunk_elements = _chunk_elements(config)
+        _check_stored_format(state.inner_state, config)
         s_leaves, s_def = jax.tree.flatten(state.inner_state, is_leaf=is_quantized)
         if config.rounding == "stochastic":
             key = jax.random.wrap_key_data(state.key)
@@ -362,13 +389,49 @@ def quantize_state(inner: GradientTransformation, fmt: str = "int8", *,
             _warn_fallback(warned, analysis.reason, s_leaves, chunk_elements)
         if not chunked:
             new_updates, new_leaves = _whole_step(inner, updates, s_leaves, s_def, params,
-                                                  extra_args, seeds)
+                                                  extra_args, seeds, analysis.owners)
         else:
             new_updates, new_leaves = chunked_step(chunk_elements, inner, updates, s_leaves,
-                                                   s_def, params, extra_args, seeds, chunked)
+                                                   s_def, params, extra_args, seeds, chunked,
+                                                   analysis.owners)
         return new_updates, QuantizedState(s_def.unflatten(new_leaves), new_key)
 
     return GradientTransformation(init, update)
+
+
+def _keep_patterns(keep: Any) -> tuple[str, ...]:
+    """``keep`` as a tuple of compiled-checked regular expressions (``None``: none)."""
+    if keep is None:
+        return ()
+    if isinstance(keep, str):
+        keep = (keep,)
+    try:
+        patterns = tuple(keep)
+    except TypeError:
+        raise TypeError(f"quantize_state: keep must be a regular expression or a sequence of "
+                        f"them (e.g. keep=r\"embed\"); got {keep!r}.") from None
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(f"quantize_state: keep must hold regular expressions (str); got "
+                            f"{pattern!r} of type {type(pattern).__name__}.")
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"quantize_state: keep={pattern!r} is not a valid regular "
+                             f"expression ({error}); escape special characters with "
+                             f"re.escape if you meant the text itself.") from None
+    return patterns
+
+
+def _check_stored_format(inner_state: Any, cfg: _Config) -> None:
+    """Refuses a state quantized by another ``quantize_state`` (format or block size)."""
+    for path, leaf in leaves_with_paths(inner_state, is_leaf=is_quantized):
+        if is_quantized(leaf) and (leaf.fmt, leaf.block_size) != (cfg.fmt.name, cfg.block):
+            raise ValueError(
+                f"quantize_state: leaf {path_str(path)} of the state is stored as {leaf.fmt!r} "
+                f"with blocks of {leaf.block_size}, but this transform stores {cfg.fmt.name!r} "
+                f"with blocks of {cfg.block}. Pass the state returned by this transform's "
+                f"init.")
 
 
 def _chunk_elements(cfg: _Config) -> int:
@@ -409,16 +472,17 @@ def _quantize_leaf(value: Any, fmt: StorageFormat, block: int, nonneg: bool) -> 
     entries = tuple(spec) + (None,) * (len(value.shape) - len(tuple(spec)))
     if fmt.values_per_code > 1:
         entries = entries[:-1] + (None,)
-    abstract = jax.eval_shape(quantize, value)
+    # the shapes only: traced on the sharded value, the reshapes would fail in Explicit mode
+    abstract = jax.eval_shape(quantize, jax.ShapeDtypeStruct(value.shape, value.dtype))
     out = dataclasses.replace(abstract, codes=PartitionSpec(*entries), scales=PartitionSpec())
     return _run_in_auto_mode(quantize, (value,), out)
 
 
-def _whole_step(inner, updates, s_leaves, s_def, params, extra_args, seeds):
+def _whole_step(inner, updates, s_leaves, s_def, params, extra_args, seeds, owners):
     """Dequantize everything, update, quantize everything (any inner transform)."""
     full = [dequantize(x) if is_quantized(x) else x for x in s_leaves]
     new_updates, new_state = inner.update(updates, s_def.unflatten(full), params, **extra_args)
-    new_flat = s_def.flatten_up_to(new_state)
+    new_flat = keep_finite_leaves(s_leaves, full, s_def.flatten_up_to(new_state), owners)
     out = []
     for old, new, seed in zip(s_leaves, new_flat, seeds):
         out.append(requantize_like(old, new, seed) if is_quantized(old) else new)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from optstate._core.base import GradientTransformation
+from optstate._core.checks import check_scalar, check_state
 from optstate._core.numerics import cast_like, ema, is_none, zeros_like
 from optstate._core.tree_checks import check_updates
 from optstate._core.types import PyTree
@@ -39,15 +40,27 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransforma
     Returns:
       A :class:`~optstate.GradientTransformation` with state :class:`ScaleByAdaDeltaState`.
 
+    Raises:
+      ValueError: ``rho`` outside :math:`[0, 1)` (1 never updates :math:`E[g^2]`), ``eps``
+        not positive (with 0 the first update, and so every later one, is 0), or either NaN
+        or infinite. TypeError: one of them not a real number; at ``update``, a state not
+        made by this transform's ``init``.
+
     Reference: Zeiler, "ADADELTA: An Adaptive Learning Rate Method", arXiv:1212.5701, 2012,
     Algorithm 1.
     """
+
+    check_scalar("rho", rho, context="scale_by_adadelta", low=0.0, high=1.0,
+                 high_inclusive=False, hint="rho is the decay of both averages (0.9 is usual).")
+    check_scalar("eps", eps, context="scale_by_adadelta", low=0.0, low_inclusive=False,
+                 hint="eps starts the update average off zero (1e-6 is usual).")
 
     def init(params):
         return ScaleByAdaDeltaState(e_g=zeros_like(params), e_x=zeros_like(params))
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
+        check_state(state, ScaleByAdaDeltaState, "scale_by_adadelta")
         check_updates(updates, state.e_g, reference_name="state.e_g",
                       context="scale_by_adadelta")
         e_g = ema(updates, state.e_g, rho, 2)

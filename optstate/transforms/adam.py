@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from optstate._core.base import GradientTransformation
+from optstate._core.checks import check_dtype, check_scalar, check_state
 from optstate._core.numerics import (
     bias_correction,
-    canonical_dtype,
     cast_like,
     ema,
     is_none,
@@ -72,12 +72,30 @@ def scale_by_adam(
     Returns:
       A :class:`~optstate.GradientTransformation` with state :class:`ScaleByAdamState`.
 
+    Raises:
+      ValueError: ``b1`` or ``b2`` outside :math:`[0, 1)` (also after rounding to float32:
+        :math:`\beta = 1` makes the bias correction a division by zero), ``eps`` or
+        ``eps_root`` negative, or any of them NaN or infinite (Python or NumPy numbers;
+        arrays, e.g. under :func:`optstate.inject_hyperparams`, are checked for shape only).
+      TypeError: a hyperparameter that is not a real number, or ``mu_dtype``/``nu_dtype``
+        not a floating dtype (an integer dtype would truncate the moments to integers).
+      TypeError: at ``update``, a state not made by this transform's ``init``.
+
     References:
       Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
       Dozat, "Incorporating Nesterov Momentum into Adam", ICLR workshop 2016.
     """
-    mu_dtype = canonical_dtype(mu_dtype)
-    nu_dtype = canonical_dtype(nu_dtype)
+    context = "scale_by_adam"
+    check_scalar("b1", b1, context=context, low=0.0, high=1.0, high_inclusive=False,
+                 hint="b1 is the decay of the first moment (0.9 is usual).")
+    check_scalar("b2", b2, context=context, low=0.0, high=1.0, high_inclusive=False,
+                 hint="b2 is the decay of the second moment (0.999 is usual).")
+    check_scalar("eps", eps, context=context, low=0.0,
+                 hint="eps is added to the denominator (1e-8 is usual).")
+    check_scalar("eps_root", eps_root, context=context, low=0.0,
+                 hint="eps_root is added under the square root (0 is usual).")
+    mu_dtype = check_dtype("mu_dtype", mu_dtype, context)
+    nu_dtype = check_dtype("nu_dtype", nu_dtype, context)
 
     def init(params):
         return ScaleByAdamState(
@@ -88,6 +106,7 @@ def scale_by_adam(
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
+        check_state(state, ScaleByAdamState, "scale_by_adam")
         check_updates(updates, state.mu, reference_name="state.mu", context="scale_by_adam")
         mu = ema(updates, state.mu, b1, 1)
         nu = ema(updates, state.nu, b2, 2)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from optstate._core.base import GradientTransformation, init_empty_state
+from optstate._core.checks import check_scalar
 from optstate._core.numerics import global_norm, is_none
 
 
@@ -23,9 +24,16 @@ def clip(max_delta: float) -> GradientTransformation:
     Returns:
       A stateless :class:`~optstate.GradientTransformation`.
 
+    Raises:
+      ValueError: ``max_delta`` negative (``clip(-1)`` would set every update to -1), NaN or
+        infinite. TypeError: not a real number.
+
     Reference: Mikolov, "Statistical Language Models Based on Neural Networks", PhD thesis,
     Brno University of Technology, 2012 (element-wise gradient clipping).
     """
+
+    check_scalar("max_delta", max_delta, context="clip", low=0.0,
+                 hint="max_delta is the largest absolute value an update may keep.")
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -51,9 +59,18 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     Returns:
       A stateless :class:`~optstate.GradientTransformation`.
 
+    Raises:
+      ValueError: ``max_norm`` not positive (a negative one flips the updates' sign, 0 turns
+        zero updates into NaN), NaN or infinite. TypeError: not a real number.
+
     Reference: Pascanu, Mikolov & Bengio, "On the difficulty of training Recurrent Neural
     Networks", ICML 2013.
     """
+
+    check_scalar("max_norm", max_norm, context="clip_by_global_norm", low=0.0,
+                 low_inclusive=False,
+                 hint="max_norm is the largest global norm the updates may keep (e.g. 1.0); "
+                      "to drop the updates use set_to_zero().")
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -81,9 +98,16 @@ def clip_by_block_rms(threshold: float) -> GradientTransformation:
     Returns:
       A stateless :class:`~optstate.GradientTransformation`.
 
+    Raises:
+      ValueError: ``threshold`` not positive, NaN or infinite. TypeError: not a real number.
+
     Reference: Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory
     Cost", ICML 2018, section 6 (update clipping).
     """
+
+    check_scalar("threshold", threshold, context="clip_by_block_rms", low=0.0,
+                 low_inclusive=False,
+                 hint="threshold is the largest RMS each leaf's update may keep (1.0 is usual).")
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optstate._core.base import GradientTransformation, init_empty_state
+from optstate._core.checks import check_int, check_scalar, check_state, describe
 from optstate._core.numerics import (
     check_params_given,
     check_same_structure,
@@ -94,9 +95,28 @@ def scale_by_factored_rms(
       A :class:`~optstate.GradientTransformation` with state :class:`FactoredState`; its
       ``update`` needs ``params``.
 
+    Raises:
+      ValueError: ``decay_rate`` (with the default ``decay_rate_fn``) or ``epsilon``
+        negative, NaN or infinite; ``min_dim_size_to_factor`` negative.
+      TypeError: an argument of the wrong type; at ``update``, a state not made by this
+        transform's ``init``.
+
     Reference: Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory
     Cost", ICML 2018, Algorithms 4 and 5.
     """
+
+    context = "scale_by_factored_rms"
+    if decay_rate_fn is _decay_rate_pow:
+        check_scalar("decay_rate", decay_rate, context=context, low=0.0,
+                     hint="decay_rate is the exponent c of the decay 1 - (t+1)^-c (0.8 is "
+                          "usual); a negative one makes the decay negative.")
+    if not callable(decay_rate_fn):
+        raise TypeError(f"{context}: decay_rate_fn must be a function (step, decay_rate) -> "
+                        f"decay; got {describe(decay_rate_fn)}.")
+    check_int("step_offset", step_offset, context=context)
+    check_int("min_dim_size_to_factor", min_dim_size_to_factor, context=context, low=0)
+    check_scalar("epsilon", epsilon, context=context, low=0.0,
+                 hint="epsilon is added to the squared gradients (1e-30 is usual).")
 
     def axes_of(x) -> tuple[int, int] | None:
         return _factored_axes(tuple(x.shape), factored, min_dim_size_to_factor)
@@ -129,7 +149,7 @@ def scale_by_factored_rms(
 
     def update(updates, state, params=None, **extra_args):
         del extra_args
-        context = "scale_by_factored_rms"
+        check_state(state, FactoredState, context)
         check_params_given(params, context)
         check_updates(updates, params, reference_name="params", context=context)
         check_same_structure(updates, state.v, name="updates", reference_name="state.v",
@@ -190,9 +210,14 @@ def scale_by_param_block_rms(min_scale: float = 1e-3) -> GradientTransformation:
     Returns:
       A stateless :class:`~optstate.GradientTransformation`; its ``update`` needs ``params``.
 
+    Raises:
+      ValueError: ``min_scale`` negative, NaN or infinite. TypeError: not a real number.
+
     Reference: Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory
     Cost", ICML 2018, section 8 (relative step size, :math:`\epsilon_2`).
     """
+
+    check_scalar("min_scale", min_scale, context="scale_by_param_block_rms", low=0.0)
 
     def update(updates, state, params=None, **extra_args):
         del extra_args

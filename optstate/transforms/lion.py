@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from optstate._core.base import GradientTransformation
+from optstate._core.checks import check_dtype, check_scalar, check_state
 from optstate._core.numerics import (
-    canonical_dtype,
     cast_like,
     ema,
     is_none,
@@ -49,16 +49,27 @@ def scale_by_lion(
     Returns:
       A :class:`~optstate.GradientTransformation` with state :class:`ScaleByLionState`.
 
+    Raises:
+      ValueError: ``b1`` or ``b2`` outside :math:`[0, 1]`, NaN or infinite.
+      TypeError: a non-numeric ``b1``/``b2``, or ``mu_dtype`` not a floating dtype; at
+        ``update``, a state not made by this transform's ``init``.
+
     Reference: Chen et al., "Symbolic Discovery of Optimization Algorithms",
     arXiv:2302.06675, 2023, Algorithm 2.
     """
-    mu_dtype = canonical_dtype(mu_dtype)
+    context = "scale_by_lion"
+    check_scalar("b1", b1, context=context, low=0.0, high=1.0,
+                 hint="b1 interpolates between momentum and gradient (0.9 is usual).")
+    check_scalar("b2", b2, context=context, low=0.0, high=1.0,
+                 hint="b2 is the decay of the momentum (0.99 is usual).")
+    mu_dtype = check_dtype("mu_dtype", mu_dtype, context)
 
     def init(params):
         return ScaleByLionState(count=zero_count(), mu=zeros_like(params, dtype=mu_dtype))
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
+        check_state(state, ScaleByLionState, "scale_by_lion")
         check_updates(updates, state.mu, reference_name="state.mu", context="scale_by_lion")
         direction = jax.tree.map(
             lambda g, m: None if g is None else jnp.sign((1.0 - b1) * g + b1 * m),

@@ -11,9 +11,9 @@ from typing import Any, NamedTuple
 import jax
 
 from optstate._core.base import GradientTransformation
+from optstate._core.checks import check_dtype, check_scalar, check_state
 from optstate._core.numerics import (
     bias_correction,
-    canonical_dtype,
     cast_like,
     ema as _ema_tree,
     is_none,
@@ -60,18 +60,26 @@ def trace(
     Returns:
       A :class:`~optstate.GradientTransformation` with state :class:`TraceState`.
 
+    Raises:
+      ValueError: ``decay`` outside :math:`[0, 1]`, NaN or infinite.
+      TypeError: a non-numeric ``decay``, or ``accumulator_dtype`` not a floating dtype; at
+        ``update``, a state not made by this transform's ``init``.
+
     References:
       Polyak, "Some methods of speeding up the convergence of iteration methods", 1964.
       Sutskever, Martens, Dahl & Hinton, "On the importance of initialization and momentum
       in deep learning", ICML 2013.
     """
-    accumulator_dtype = canonical_dtype(accumulator_dtype)
+    check_scalar("decay", decay, context="trace", low=-1.0, high=1.0,
+                 hint="decay is the momentum coefficient (0.9 is usual).")
+    accumulator_dtype = check_dtype("accumulator_dtype", accumulator_dtype, "trace")
 
     def init(params):
         return TraceState(trace=zeros_like(params, dtype=accumulator_dtype))
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
+        check_state(state, TraceState, "trace")
         check_updates(updates, state.trace, reference_name="state.trace", context="trace")
         new_trace = jax.tree.map(
             lambda g, m: m if g is None else g + decay * m, updates, state.trace, is_leaf=is_none
@@ -104,16 +112,25 @@ def ema(decay: float, debias: bool = True, accumulator_dtype: Any = None) -> Gra
     Returns:
       A :class:`~optstate.GradientTransformation` with state :class:`EmaState`.
 
+    Raises:
+      ValueError: ``decay`` outside :math:`[0, 1]` (:math:`[0, 1)` with ``debias``, where
+        :math:`\beta = 1` divides by zero), NaN or infinite.
+      TypeError: a non-numeric ``decay``, or ``accumulator_dtype`` not a floating dtype; at
+        ``update``, a state not made by this transform's ``init``.
+
     Reference: Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015
     (bias correction of a zero-initialised average).
     """
-    accumulator_dtype = canonical_dtype(accumulator_dtype)
+    check_scalar("decay", decay, context="ema", low=0.0, high=1.0, high_inclusive=not debias,
+                 hint="decay is the averaging coefficient (0.9 is usual).")
+    accumulator_dtype = check_dtype("accumulator_dtype", accumulator_dtype, "ema")
 
     def init(params):
         return EmaState(count=zero_count(), ema=zeros_like(params, dtype=accumulator_dtype))
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
+        check_state(state, EmaState, "ema")
         check_updates(updates, state.ema, reference_name="state.ema", context="ema")
         new_ema = _ema_tree(updates, state.ema, decay, 1)
         count = safe_increment(state.count)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from optstate._core.base import GradientTransformation
+from optstate._core.checks import check_scalar, check_state
 from optstate._core.numerics import (
     bias_correction as _bias_correction,
     cast_like,
@@ -60,6 +61,17 @@ class ScaleByRssState(NamedTuple):
     sum_of_squares: PyTree
 
 
+def _check_rms_args(context: str, decay: float, eps: float, initial_scale: float) -> None:
+    """The checks shared by :func:`scale_by_rms` and :func:`scale_by_stddev`."""
+    check_scalar("decay", decay, context=context, low=0.0, high=1.0, high_inclusive=False,
+                 hint="decay is the decay of the average of squared gradients (0.9 is usual; "
+                      "1 would never update it).")
+    check_scalar("eps", eps, context=context, low=0.0,
+                 hint="eps keeps the denominator away from zero (1e-8 is usual).")
+    check_scalar("initial_scale", initial_scale, context=context, low=0.0,
+                 hint="initial_scale is the initial average of squared gradients (0 is usual).")
+
+
 def _inverse_root(eps: float, eps_in_sqrt: bool) -> Callable[[jax.Array], jax.Array]:
     r"""``s -> 1 / sqrt(s + eps)`` (``eps_in_sqrt``) or ``s -> 1 / (sqrt(s) + eps)``."""
     if eps_in_sqrt:
@@ -95,9 +107,16 @@ def scale_by_rms(
       A :class:`~optstate.GradientTransformation` with state :class:`ScaleByRmsState`
       (or :class:`ScaleByRmsWithCountState` with ``bias_correction``).
 
+    Raises:
+      ValueError: ``decay`` outside :math:`[0, 1)`, ``eps`` or ``initial_scale`` negative, or
+        any of them NaN or infinite. TypeError: one of them not a real number; at
+        ``update``, a state not made by this transform's ``init``.
+
     Reference: Tieleman & Hinton, "Lecture 6.5 - RMSProp", COURSERA: Neural Networks for
     Machine Learning, 2012.
     """
+    _check_rms_args("scale_by_rms", decay, eps, initial_scale)
+    state_type = ScaleByRmsWithCountState if bias_correction else ScaleByRmsState
     inverse_root = _inverse_root(eps, eps_in_sqrt)
 
     def init(params):
@@ -108,6 +127,7 @@ def scale_by_rms(
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
+        check_state(state, state_type, "scale_by_rms")
         check_updates(updates, state.nu, reference_name="state.nu", context="scale_by_rms")
         nu = ema(updates, state.nu, decay, 2)
         if bias_correction:
@@ -155,9 +175,14 @@ def scale_by_stddev(
       A :class:`~optstate.GradientTransformation` with state :class:`ScaleByRStdDevState`
       (or :class:`ScaleByRStdDevWithCountState`).
 
+    Raises:
+      ValueError, TypeError: as :func:`scale_by_rms`.
+
     Reference: Graves, "Generating Sequences With Recurrent Neural Networks",
     arXiv:1308.0850, 2013, eqs. 38-41.
     """
+    _check_rms_args("scale_by_stddev", decay, eps, initial_scale)
+    state_type = ScaleByRStdDevWithCountState if bias_correction else ScaleByRStdDevState
     inverse_root = _inverse_root(eps, eps_in_sqrt)
 
     def init(params):
@@ -169,6 +194,7 @@ def scale_by_stddev(
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
+        check_state(state, state_type, "scale_by_stddev")
         check_updates(updates, state.nu, reference_name="state.nu", context="scale_by_stddev")
         mu = ema(updates, state.mu, decay, 1)
         nu = ema(updates, state.nu, decay, 2)
@@ -209,15 +235,26 @@ def scale_by_rss(
     Returns:
       A :class:`~optstate.GradientTransformation` with state :class:`ScaleByRssState`.
 
+    Raises:
+      ValueError: ``initial_accumulator_value`` or ``eps`` negative, NaN or infinite.
+      TypeError: one of them not a real number; at ``update``, a state not made by this
+        transform's ``init``.
+
     Reference: Duchi, Hazan & Singer, "Adaptive Subgradient Methods for Online Learning and
     Stochastic Optimization", JMLR 12, 2011.
     """
+
+    check_scalar("initial_accumulator_value", initial_accumulator_value, context="scale_by_rss",
+                 low=0.0, hint="It is the starting sum of squared gradients (0.1 is usual).")
+    check_scalar("eps", eps, context="scale_by_rss", low=0.0,
+                 hint="eps is added under the square root (1e-7 is usual).")
 
     def init(params):
         return ScaleByRssState(sum_of_squares=full_like(params, initial_accumulator_value))
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
+        check_state(state, ScaleByRssState, "scale_by_rss")
         check_updates(updates, state.sum_of_squares, reference_name="state.sum_of_squares",
                       context="scale_by_rss")
         total = jax.tree.map(

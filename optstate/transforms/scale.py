@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from optstate._core.base import GradientTransformation, identity, init_empty_state
+from optstate._core.checks import check_learning_rate, check_scalar, check_state, describe
 from optstate._core.numerics import is_none, safe_increment, zero_count
 from optstate._core.types import ScalarOrSchedule, Schedule
 
@@ -34,8 +35,18 @@ def scale(step_size: Any) -> GradientTransformation:
     Returns:
       A stateless :class:`~optstate.GradientTransformation`.
 
+    Raises:
+      TypeError: ``step_size`` is not a real number or scalar array (a schedule belongs in
+        :func:`scale_by_schedule`). ValueError: NaN, infinite, or an array that is not 0-d.
+
     Reference: Robbins & Monro, "A Stochastic Approximation Method", 1951 (the step size).
     """
+    if callable(step_size) and not hasattr(step_size, "dtype"):
+        raise TypeError(
+            f"scale: step_size must be a real number or a scalar array; got "
+            f"{describe(step_size)}. For a schedule use scale_by_schedule(step_size_fn) or "
+            f"scale_by_learning_rate(schedule).")
+    check_scalar("step_size", step_size, context="scale")
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -61,8 +72,17 @@ def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
     Returns:
       A :class:`~optstate.GradientTransformation` with state :class:`ScaleByScheduleState`.
 
+    Raises:
+      TypeError: ``step_size_fn`` is not callable; at ``update``, a state not made by this
+        transform's ``init``.
+
     Reference: Robbins & Monro, "A Stochastic Approximation Method", 1951 (decaying steps).
     """
+    if not callable(step_size_fn) or hasattr(step_size_fn, "dtype"):
+        raise TypeError(
+            f"scale_by_schedule: step_size_fn must be a schedule, a function step -> value "
+            f"(e.g. optstate.schedules.cosine_decay(1e-3, 1000)); got {describe(step_size_fn)}. "
+            f"For a constant use scale(step_size).")
 
     def init(params):
         del params
@@ -70,6 +90,7 @@ def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
+        check_state(state, ScaleByScheduleState, "scale_by_schedule")
         step_size = step_size_fn(state.count)
         updates = jax.tree.map(
             lambda g: None if g is None else jnp.asarray(step_size, dtype=g.dtype) * g,
@@ -98,8 +119,15 @@ def scale_by_learning_rate(
     Returns:
       A :class:`~optstate.GradientTransformation`.
 
+    Raises:
+      TypeError: ``learning_rate`` is not a number, a scalar array, a schedule or ``None``
+        (e.g. the string ``"0.001"``).
+      ValueError: ``learning_rate`` is negative (use ``flip_sign`` to choose the direction),
+        NaN, infinite, or an array that is not 0-d.
+
     Reference: Robbins & Monro, "A Stochastic Approximation Method", 1951.
     """
+    check_learning_rate(learning_rate, "scale_by_learning_rate", allow_none=True)
     if learning_rate is None:
         return identity()
     sign = -1 if flip_sign else 1

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from optstate._core.base import GradientTransformation, init_empty_state
+from optstate._core.checks import check_scalar
 from optstate._core.numerics import check_params_given, is_none, safe_norm
 from optstate._core.tree_checks import check_updates
 
@@ -35,12 +36,20 @@ def scale_by_trust_ratio(
     Returns:
       A stateless :class:`~optstate.GradientTransformation`; its ``update`` needs ``params``.
 
+    Raises:
+      ValueError: an argument negative (a negative ``trust_coefficient`` flips the update's
+        sign), NaN or infinite. TypeError: an argument not a real number.
+
     References:
       You, Gitman & Ginsburg, "Large Batch Training of Convolutional Networks" (LARS),
       arXiv:1708.03888, 2017.
       You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes"
       (LAMB), ICLR 2020.
     """
+
+    for name, value in (("min_norm", min_norm), ("trust_coefficient", trust_coefficient),
+                        ("eps", eps)):
+        check_scalar(name, value, context="scale_by_trust_ratio", low=0.0)
 
     def update(updates, state, params=None, **extra_args):
         del extra_args

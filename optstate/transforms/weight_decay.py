@@ -12,6 +12,7 @@ from typing import NamedTuple
 import jax
 
 from optstate._core.base import GradientTransformation, init_empty_state
+from optstate._core.checks import check_scalar, check_state
 from optstate._core.numerics import check_params_given, is_none, safe_increment, zero_count
 from optstate._core.tree_checks import check_updates
 from optstate._core.types import MaskOrFn, ScalarOrSchedule
@@ -47,9 +48,16 @@ def add_decayed_weights(
       A :class:`~optstate.GradientTransformation`; its ``update`` needs ``params``. The state
       is :class:`WeightDecaySchedule` for a schedule, else empty.
 
+    Raises:
+      ValueError: ``weight_decay`` NaN, infinite, or an array that is not 0-d (its sign is
+        free, as in Optax). TypeError: not a number, a scalar array or a schedule.
+
     Reference: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
     """
-    scheduled = callable(weight_decay)
+    check_scalar("weight_decay", weight_decay, context="add_decayed_weights",
+                 allow_schedule=True,
+                 hint="weight_decay multiplies the parameters added to the updates (e.g. 1e-4).")
+    scheduled = callable(weight_decay) and not hasattr(weight_decay, "dtype")
 
     def init_schedule(params):
         del params
@@ -61,6 +69,7 @@ def add_decayed_weights(
         check_params_given(params, context)
         check_updates(updates, params, reference_name="params", context=context)
         if scheduled:
+            check_state(state, WeightDecaySchedule, context)
             rate = weight_decay(state.count)
             new_state = WeightDecaySchedule(count=safe_increment(state.count))
         else:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from optstate._core.base import GradientTransformation, with_extra_args_support
+from optstate._core.checks import check_state, check_transform
 from optstate._core.numerics import safe_increment, zero_count
 from optstate._core.types import OptState, Params, PyTree, Updates
 
@@ -74,7 +75,10 @@ def apply_if_finite(inner: GradientTransformation,
 
     Raises:
       ValueError: ``max_consecutive_errors`` is negative or not an int.
+      TypeError: ``inner`` is not a transform; at ``update``, a state not made by this
+        transform's ``init``.
     """
+    check_transform(inner, "apply_if_finite", name="inner")
     if isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, int) \
             or max_consecutive_errors < 0:
         raise ValueError(
@@ -92,6 +96,7 @@ def apply_if_finite(inner: GradientTransformation,
 
     def update(updates: Updates, state: ApplyIfFiniteState, params: Params | None = None,
                **extra_args: Any) -> tuple[Updates, ApplyIfFiniteState]:
+        check_state(state, ApplyIfFiniteState, "apply_if_finite")
         finite = _all_finite(updates)
         count = jnp.where(finite, zero_count(), safe_increment(state.notfinite_count))
         total = jnp.where(finite, state.total_notfinite, safe_increment(state.total_notfinite))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optstate._core.base import GradientTransformation, with_extra_args_support
+from optstate._core.checks import check_state, check_transform, describe, is_transform
 from optstate._core.numerics import safe_increment, zero_count
 from optstate._core.types import OptState, Params, Updates
 
@@ -108,10 +109,22 @@ def inject_hyperparams(
       A function with ``inner_factory``'s signature returning a
       :class:`GradientTransformation` with state :class:`InjectHyperparamsState`.
 
+    The returned function builds the inner transform once from the values given, so the
+    factory's own checks (e.g. ``b1`` in :math:`[0, 1)`) run where the user wrote them; the
+    values set later in the state are arrays and are not range-checked.
+
     Raises:
+      TypeError: ``inner_factory`` is not a function returning a transform (e.g. a transform
+        itself: pass ``optstate.adam``, not ``optstate.adam(1e-3)``); at ``update``, a state
+        not made by this transform's ``init``.
       ValueError: ``static_args`` names an argument ``inner_factory`` does not have.
       KeyError: ``state.hyperparams`` was given a key that is not a numeric hyperparameter.
     """
+    if is_transform(inner_factory) or not callable(inner_factory):
+        raise TypeError(
+            f"inject_hyperparams: inner_factory must be a function that returns a transform "
+            f"(e.g. optstate.adam); got {describe(inner_factory)}. Pass the function and its "
+            f"arguments separately: inject_hyperparams(optstate.adam)(learning_rate=1e-3).")
     static = {static_args} if isinstance(static_args, str) else set(static_args)
     signature = inspect.signature(inner_factory)
     unknown = static - set(signature.parameters)
@@ -149,6 +162,14 @@ def inject_hyperparams(
 
         float_keys = {k for k, v in numeric.items() if _is_float_like(v)}
 
+        # Build the inner transform once from the values as given, so that the factory
+        # checks them here (with Python numbers, which it range-checks) and not at the first
+        # traced update (with arrays, which it cannot).
+        probe = {k: _to_array(k, f(zero_count()), float_dtype) for k, f in scheduled.items()}
+        factory_name = getattr(inner_factory, "__name__", "inner_factory")
+        check_transform(inner_factory(**fixed, **numeric, **probe), "inject_hyperparams",
+                        name=f"what {factory_name}(...) returned")
+
         def evaluate(count: jax.Array, stored: dict[str, Any]) -> dict[str, jax.Array]:
             extra = set(stored) - set(numeric) - set(scheduled)
             missing = set(numeric) - set(stored)
@@ -174,6 +195,7 @@ def inject_hyperparams(
         def update(updates: Updates, state: InjectHyperparamsState,
                    params: Params | None = None, **extra_args: Any
                    ) -> tuple[Updates, InjectHyperparamsState]:
+            check_state(state, InjectHyperparamsState, "inject_hyperparams")
             hyperparams = evaluate(state.count, state.hyperparams)
             inner = with_extra_args_support(inner_factory(**fixed, **hyperparams))
             updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from optstate._core.base import GradientTransformation, with_extra_args_support
+from optstate._core.checks import check_state, check_transform, describe
 from optstate._core.types import MaskOrFn, OptState, Params, PyTree, Updates
 
 
@@ -147,8 +148,15 @@ def masked(inner: GradientTransformation, mask: MaskOrFn) -> GradientTransformat
 
     Raises:
       ValueError: the mask tree is not a prefix of the parameter/update tree (naming the path).
-      TypeError: a mask leaf is not a bool (naming the path).
+      TypeError: ``inner`` is not a transform, ``mask`` is ``None``, or a mask leaf is not a
+        bool (naming the path); at ``update``, a state not made by this transform's ``init``.
     """
+    check_transform(inner, "masked", name="inner")
+    if mask is None or isinstance(mask, (str, bytes)):
+        raise TypeError(
+            f"masked: mask must be a tree of bools shaped like the parameters (or a prefix of "
+            f"them) or a function params -> such a tree; got {describe(mask)}. To transform "
+            f"every leaf, use the inner transform without masked.")
     inner = with_extra_args_support(inner)
 
     def init(params: Params) -> MaskedState:
@@ -158,6 +166,7 @@ def masked(inner: GradientTransformation, mask: MaskOrFn) -> GradientTransformat
 
     def update(updates: Updates, state: MaskedState, params: Params | None = None,
                **extra_args: Any) -> tuple[Updates, MaskedState]:
+        check_state(state, MaskedState, "masked.update")
         mask_tree = resolve_mask(mask, updates)
         bools, subtrees, treedef = split_by_mask(
             mask_tree, updates, tree_name="updates", context="masked.update")

@@ -11,6 +11,7 @@ from typing import Any, Callable, Hashable, Mapping, NamedTuple
 import jax
 
 from optstate._core.base import GradientTransformation
+from optstate._core.checks import check_state, check_transform, describe
 from optstate._core.types import OptState, Params, PyTree, Updates
 from optstate.wrappers.masking import flatten_prefix, masked
 
@@ -73,9 +74,23 @@ def partition(transforms: Mapping[Hashable, GradientTransformation],
       A :class:`GradientTransformation` with state :class:`PartitionState`.
 
     Raises:
+      TypeError: ``transforms`` is not a mapping of transforms (naming the label whose value
+        is not one), or ``param_labels`` is ``None``; at ``update``, a state not made by this
+        transform's ``init``.
       ValueError: a leaf's label has no transform (naming the label and the leaf paths), or
         the label tree is not a prefix of the parameter tree (naming the path).
     """
+    if not isinstance(transforms, Mapping):
+        raise TypeError(
+            f"partition: transforms must be a dict {{label: transform}}, e.g. "
+            f"{{'adam': optstate.adam(1e-3), 'frozen': optstate.set_to_zero()}}; got "
+            f"{describe(transforms)}.")
+    for label, tx in transforms.items():
+        check_transform(tx, "partition", name=f"transforms[{label!r}]")
+    if param_labels is None:
+        raise TypeError(
+            "partition: param_labels must be a tree of labels shaped like the parameters (or "
+            "a prefix of them) or a function params -> labels; got None.")
     transforms = dict(transforms)
 
     def group_mask(labels: Any, group: Hashable) -> Any:
@@ -90,6 +105,7 @@ def partition(transforms: Mapping[Hashable, GradientTransformation],
 
     def update(updates: Updates, state: PartitionState, params: Params | None = None,
                **extra_args: Any) -> tuple[Updates, PartitionState]:
+        check_state(state, PartitionState, "partition.update")
         labels = _labels_for(param_labels, updates, "updates", "partition.update", transforms)
         if set(state.inner_states) != set(transforms):
             raise ValueError(

@@ -210,3 +210,68 @@ def test_missing_demo_packages_are_named(monkeypatch, tmp_path, capsys):
     assert main(["compare", "--configs", "fp32", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "needs matplotlib" in err and "optstate[demo]" in err
+
+
+# --- arguments checked before anything runs; no hang before training ---------------------
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--b2", "0.99999999999999"], ("argument --b2: expected a number in (0, 0.99999], got "
+                                    "0.99999999999999 (the demo trains in float32")),
+    (["--b2", "1"], "argument --b2: expected a number in (0, 0.99999], got 1 ("),
+    (["--b2", "0"], "argument --b2: expected a number in (0, 0.99999], got 0"),
+    (["--b2", "nan"], "argument --b2: expected a number in (0, 0.99999], got nan"),
+    (["--seed", "-1"], "argument --seed: expected an integer in 0 .. 4294967295, got -1"),
+    (["--seed", str(2**32)], ("argument --seed: expected an integer in 0 .. 4294967295, got "
+                              "4294967296 (JAX keeps 32 bits of a seed)")),
+    (["--seed", "1.5"], "argument --seed: expected an integer in 0 .. 4294967295, got '1.5'"),
+    (["--steps", "-3"], "argument --steps: expected a positive integer, got -3"),
+])
+def test_bad_arguments_exit_2_with_one_line_naming_them(capsys, tmp_path, argv, expected):
+    with pytest.raises(SystemExit) as info:
+        main(["compare", *argv, "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("optstate compare: error: ") and expected in err[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_b2_next_to_one_no_longer_hangs_computing_reset_periods():
+    # The hang before training: compare computes the reset period of every +reset
+    # configuration first, and reset_period scanned step by step (about a minute per
+    # configuration at 0.99999999999999). The model now answers at once, even for a b2 the
+    # command line refuses.
+    import time
+
+    from optstate.tasks.configs import Hyperparameters, reset_period
+
+    if parse_config("bf16+reset").missing():
+        pytest.skip("reset_every_n not available")
+    start = time.perf_counter()
+    period = reset_period(parse_config("bf16+reset"), Hyperparameters(b2=0.99999999999999))
+    assert time.perf_counter() - start < 5.0
+    assert period == 401144371  # what the step-by-step scan gave, after a minute
+
+
+def test_largest_b2_reaches_training_at_once(monkeypatch, tmp_path, capsys):
+    import time
+
+    from optstate.cli import compare as command
+    from optstate.staleness import reset_period
+
+    reached = {}
+
+    def fake_run(args, configs, hyper, steps, out):
+        reached.update(configs=[c.name for c in configs], b2=hyper.b2, steps=steps)
+        return 0
+
+    monkeypatch.setattr(command, "_run", fake_run)
+    start = time.perf_counter()
+    code = main(["compare", "--b2", "0.99999", "--out", str(tmp_path)])
+    assert code == 0 and time.perf_counter() - start < 5.0
+    assert reached["b2"] == 0.99999 and reached["steps"] == 300
+    # the default +reset configurations have a period (12706 steps for bf16) longer than the
+    # run, so they are skipped with a note, as for any b2 whose period exceeds the run
+    assert reset_period("bf16", 0.99999) > 300
+    assert not any(name.endswith("+reset") for name in reached["configs"])
+    assert "skipping bf16+reset" in capsys.readouterr().err

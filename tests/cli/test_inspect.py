@@ -7,6 +7,7 @@ leaves through this command too; this one checks the table's layout.
 from __future__ import annotations
 
 import jax.numpy as jnp
+import pytest
 
 from optstate import checkpoint
 from optstate.cli import main
@@ -37,3 +38,12 @@ def test_inspect_names_a_single_array_root(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("<root>"))
     assert row.split() == ["<root>", "(2,", "2)", "fp32", "16"]
+
+
+def test_inspect_rejects_a_negative_step_while_parsing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["inspect", str(tmp_path), "--step", "-1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("optstate inspect: error: argument --step: expected a non-negative "
+                       "integer, got -1")

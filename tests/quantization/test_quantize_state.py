@@ -458,3 +458,20 @@ def test_describe_shows_the_step_each_quantized_leaf_takes():
         rows = optstate.memory.describe(whole_tx.init(params), params, tx=whole_tx).rows
     steps = [r.step for r in rows if r.format == "int8"]
     assert len(steps) == 2 and all(s.startswith("whole: ") and "reduce_sum" in s for s in steps)
+
+
+def test_arguments_and_states_it_cannot_use_are_refused_by_name():
+    """Before: AttributeError '... update', a bare re.error, NoneType iteration, and an int8
+    state silently updated (and kept int8) by an int4 transform."""
+    with pytest.raises(TypeError, match="inner must be a gradient transformation.*call it first"):
+        quantize_state(optstate.adam)
+    with pytest.raises(ValueError, match=r"keep='\(\[' is not a valid regular expression"):
+        quantize_state(optstate.adam(1e-3), keep="([")
+    with pytest.raises(TypeError, match="keep must be a regular expression"):
+        quantize_state(optstate.adam(1e-3), keep=3)
+    params = {"w": jnp.ones((64, 128))}
+    tx = quantize_state(optstate.adam(1e-3), keep=None, min_size=1)  # None: keep nothing
+    assert is_quantized(tx.init(params).inner_state[0].mu["w"])
+    int8_state = quantize_state(optstate.adam(1e-3), "int8", min_size=1).init(params)
+    with pytest.raises(ValueError, match=r"\[0\].mu\['w'\].*'int8'.*stores 'int4'"):
+        quantize_state(optstate.adam(1e-3), "int4", min_size=1).update(params, int8_state, params)

@@ -209,6 +209,187 @@ def test_reset_period_shorter_for_coarser_formats():
 
 
 # ---------------------------------------------------------------------------------------------
+# reset period in bounded time: the same answers as the step-by-step scan, for any b2 in (0, 1)
+# ---------------------------------------------------------------------------------------------
+
+
+def _scan_reset_period(fmt, b2, s0=0.6):
+    """The step-by-step scan that ``reset_period`` was before it answered in bounded time
+    (kept verbatim as the reference; about a minute for bf16 at b2 = 1 - 1e-14)."""
+    from optstate.staleness.model import _fill_level, _p_nearest
+
+    rho = st.precision_ratio(fmt, b2)
+    steady = float(_p_nearest(rho, np.float64(1.0)))
+    total, start, chunk = 0.0, 1, 1024
+    while start < 2**50:
+        j = np.arange(start, start + chunk, dtype=np.int64)
+        s = _p_nearest(rho, _fill_level(b2, j)) / steady
+        excess = np.maximum(0.0, (s - s0) / (1.0 - s0))
+        sbar = (total + np.cumsum(excess)) / j
+        hit = np.nonzero(sbar >= st.remaining_benefit(b2, j))[0]
+        if hit.size:
+            return int(j[hit[0]])
+        total += float(np.sum(excess))
+        start += chunk
+        chunk = min(chunk * 2, 1 << 20)
+    raise AssertionError("no period")
+
+
+_PERIOD_FORMATS = ("bf16", "fp8_e4m3", "fp8_e5m2", "fp4_e2m2", "fp16", "fp32", 1, 12, 20)
+_PERIOD_B2 = (0.5, 0.9, 0.95, 0.99, 0.999, 0.9999, 0.99999)
+
+
+@pytest.mark.parametrize("fmt", _PERIOD_FORMATS)
+def test_reset_period_is_identical_to_the_step_by_step_scan(fmt):
+    for b2 in _PERIOD_B2 + ((0.999999,) if fmt not in ("fp32", 20) else ()):
+        for s0 in (0.0, 0.3, 0.6, 0.9):
+            assert st.reset_period(fmt, b2, s0=s0) == _scan_reset_period(fmt, b2, s0), (b2, s0)
+
+
+@pytest.mark.parametrize("fmt", _PERIOD_FORMATS)
+def test_reset_period_quadrature_path_agrees_with_the_scan(fmt):
+    # The path used when a scan would be too long (wide formats, b2 very close to 1), run here
+    # where the scan is cheap: the deficit form with Euler-Maclaurin gives the same integers.
+    from optstate.staleness.model import _quadrature_reset_period
+
+    for b2 in _PERIOD_B2:
+        for s0 in (0.0, 0.6, 0.9):
+            expected = _scan_reset_period(fmt, b2, s0)
+            assert _quadrature_reset_period(st.precision_ratio(fmt, b2), b2, s0) == expected
+
+
+def _limit_period(b2, s0):
+    """The period for rho -> 0 (very wide formats), by a plain loop: P_nr(j) ~ 2 rho c f(c)
+    with f the chi-square(1) density, so S(c) = c f(c) / f(1) = sqrt(c) exp((1 - c) / 2)."""
+    total = 0.0
+    for k in range(1, 10**7):
+        c = -math.expm1(k * math.log(b2))
+        total += max(0.0, (math.sqrt(c) * math.exp((1 - c) / 2) - s0) / (1 - s0))
+        if total / k >= 2 * b2**k / (1 + b2**k):
+            return k
+    raise AssertionError("no period")
+
+
+@pytest.mark.parametrize("fmt", [40, 52])
+def test_reset_period_of_very_wide_formats_is_the_rho_to_zero_limit(fmt):
+    # The scan's F((1+rho)c) - F((1-rho)c) keeps no digits for rho ~ 1e-15 (52 bits at
+    # b2 = 0.9: it gave 10 for s0 = 0.95); the deficit form integrates without cancellation.
+    for b2 in (0.9, 0.99, 0.999, 0.9999):
+        for s0 in (0.0, 0.6, 0.95):
+            assert st.reset_period(fmt, b2, s0=s0) == _limit_period(b2, s0), (b2, s0)
+    assert _scan_reset_period(52, 0.9, 0.95) == 10 != st.reset_period(52, 0.9, s0=0.95) == 18
+
+
+@pytest.mark.parametrize("fmt,b2,s0", [("bf16", 0.999, 0.6), ("fp32", 0.99999, 0.6),
+                                       ("fp32", 1 - 1e-7, 0.0), (20, 1 - 1e-9, 0.3),
+                                       (52, 0.999, 0.95)])
+def test_deficit_sum_matches_direct_summation(fmt, b2, s0):
+    # D(K) = (j0 - 1) + sum_{j0 <= j <= K} d(j): Euler-Maclaurin + Gauss-Legendre against fsum
+    from optstate.staleness.model import _Deficit, _deficit_sum
+
+    rho = st.precision_ratio(fmt, b2)
+    j0, deficit = _deficit_sum(rho, b2, s0)
+    d = _Deficit(rho, b2, s0)
+    for k in (j0, j0 + 100, j0 + 4095, j0 + 4096, j0 + 10_000, j0 + 300_000):
+        direct = (j0 - 1) + math.fsum(d(np.arange(j0, k + 1, dtype=np.float64)))
+        assert deficit(k) == pytest.approx(direct, rel=1e-12, abs=0), k
+    # d against the textbook formula where it has no cancellation (rho >= 1: no second term)
+    if rho >= 1:
+        j = np.array([j0, 2 * j0, 10 * j0])
+        s = np.array([_F((1 + rho) * -math.expm1(int(k) * math.log(b2))) for k in j]) / _F(1 + rho)
+        np.testing.assert_allclose(d(j), (1 - s) / (1 - s0), rtol=1e-9)
+
+
+def _deficit_after_saturation(p, b2, s0):
+    """For rho >= 1: (j1, D) with the excess e(j) = 1 (to float64) from j1 on and
+    D = sum_{j < j1} (1 - e(j)), by a plain loop in math.erfc (no cancellation)."""
+    rho = _rho(p, b2)
+    a = 1.0 + rho
+    assert rho >= 1.0
+    terms, j = [], 1
+    while True:
+        c = -math.expm1(j * math.log(b2))
+        one_minus_s = (math.erfc(math.sqrt(a * c / 2)) - math.erfc(math.sqrt(a / 2))) / math.erf(
+            math.sqrt(a / 2))
+        if one_minus_s < 1e-18:
+            return j, math.fsum(terms)
+        terms.append(min(1.0, one_minus_s / (1.0 - s0)))
+        j += 1
+
+
+_NEAR_ONE = (1 - 1e-10, 1 - 1e-14, 1 - 1e-15, float(np.nextafter(1.0, 0.0)))
+
+
+@pytest.mark.parametrize("fmt,p", [("bf16", 7), ("fp8_e4m3", 3), ("fp4_e2m2", 2), ("fp16", 10)])
+def test_reset_period_near_one_is_the_smallest_k_meeting_the_condition(fmt, p):
+    # Sbar(K) >= E(K)  <=>  K - D(K) >= K E(K)  <=>  D(K) <= K tanh(K lambda / 2), and D(K) is
+    # the constant D once K >= j1: check that the period meets the condition and K - 1 does not.
+    for b2 in _NEAR_ONE:
+        for s0 in (0.3, 0.6):
+            j1, deficit = _deficit_after_saturation(p, b2, s0)
+            lam = -math.log(b2)
+            k = st.reset_period(fmt, b2, s0=s0)
+            assert k - 1 >= j1
+            assert deficit <= k * math.tanh(k * lam / 2), (b2, s0, k)
+            assert deficit > (k - 1) * math.tanh((k - 1) * lam / 2), (b2, s0, k)
+
+
+def test_reset_period_issue_case_matches_the_minute_long_scan():
+    # `optstate stall-model --format bf16 --b2 0.99999999999999` took about a minute (2 min
+    # on a loaded machine) with the step-by-step scan, which gave 401144371.
+    assert st.reset_period("bf16", 0.99999999999999) == 401144371
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_e4m3", "fp4_e2m2", "fp16", "fp32", 13, 23, 52])
+def test_reset_period_answers_in_bounded_time_for_b2_up_to_one(fmt):
+    import time
+
+    periods = []
+    for b2 in (0.99999, 1 - 1e-8) + _NEAR_ONE:
+        start = time.perf_counter()
+        periods.append(st.reset_period(fmt, b2))
+        assert time.perf_counter() - start < 5.0, (fmt, b2)  # about 0.01-0.3 s
+    assert all(isinstance(k, int) and k >= 1 for k in periods)
+    assert periods == sorted(periods)  # a longer memory, a longer period
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp16", "fp32", 23])
+def test_reset_period_near_one_scales_as_one_over_sqrt_one_minus_b2(fmt):
+    # For rho >> 1, S(j) depends on j only (rho (1 - b2) is fixed by the format), so D(K)
+    # tends to a constant D and the period solves D = K tanh(K lambda/2) ~ K^2 lambda/2:
+    # K ~ sqrt(2 D / lambda). Ten times closer to 1, sqrt(10) times longer.
+    k14, k15 = st.reset_period(fmt, 1 - 1e-14), st.reset_period(fmt, 1 - 1e-15)
+    lam14, lam15 = -math.log(1 - 1e-14), -math.log(1 - 1e-15)
+    assert k15 / k14 == pytest.approx(math.sqrt(lam14 / lam15), rel=1e-6)
+
+
+def test_reset_period_for_a_tiny_b2_is_one_step():
+    # b2^1 underflows the benefit E(1) to about 2 b2: the first step already outweighs it.
+    for b2 in (1e-300, 1e-10, 0.01):
+        assert st.reset_period("bf16", b2) == _scan_reset_period("bf16", b2) == 1
+
+
+def _window_near_one(p, b2, target):
+    rho = _rho(p, b2)
+    for j in range(1, 10**6):
+        c = -math.expm1(j * math.log(b2))  # 1 - b2**j would lose the digits that matter
+        if _F((1 + rho) * c) >= target:
+            return j
+    raise AssertionError("no window")
+
+
+@pytest.mark.parametrize("fmt,p", [("bf16", 7), ("fp8_e4m3", 3), ("fp16", 10)])
+def test_startup_window_near_one_against_brute_force_and_in_bounded_time(fmt, p):
+    import time
+
+    for b2 in _NEAR_ONE:
+        start = time.perf_counter()
+        windows = [st.startup_window(fmt, b2, p0) for p0 in (0.25, 0.5, 0.9, 0.99)]
+        assert time.perf_counter() - start < 5.0
+        assert windows == [_window_near_one(p, b2, p0) for p0 in (0.25, 0.5, 0.9, 0.99)]
+
+
+# ---------------------------------------------------------------------------------------------
 # rounding emulation against enumerated grids and hardware casts
 # ---------------------------------------------------------------------------------------------
 
