@@ -65,6 +65,7 @@ from optstate.transforms.weight_decay import WeightDecaySchedule, add_decayed_we
 from optstate.wrappers.finite import ApplyIfFiniteState, apply_if_finite
 from optstate.wrappers.inject import InjectHyperparamsState, inject_hyperparams
 from optstate.wrappers.masking import MaskedNode, MaskedState, masked
+from optstate.wrappers.multi_steps import MultiStepsState, multi_steps
 from optstate.wrappers.partition import PartitionState, partition
 
 # --- quantized state ---------------------------------------------------------------------
@@ -91,7 +92,8 @@ __all__ = [
     "clip", "clip_by_block_rms", "clip_by_global_norm", "default_chunk_elements", "dequantize",
     "ema", "EmaState", "EmptyState", "FactoredState", "GradientTransformation", "identity",
     "init_empty_state", "inject_hyperparams", "InjectHyperparamsState", "is_quantized", "lamb",
-    "lion", "masked", "MaskedNode", "MaskedState", "named_chain", "NONNEG_FIELDS", "partition",
+    "lion", "masked", "MaskedNode", "MaskedState", "multi_steps", "MultiStepsState",
+    "named_chain", "NONNEG_FIELDS", "partition",
     "PartitionState", "quantize_state", "QuantizedArray", "QuantizedState", "reset_every_n",
     "rmsprop", "safe_increment", "scale", "scale_by_adadelta", "scale_by_adam",
     "scale_by_factored_rms", "scale_by_learning_rate", "scale_by_lion",

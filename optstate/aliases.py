@@ -104,7 +104,7 @@ def adam(
 
     .. math::
         m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad v_t = \beta_2 v_{t-1} + (1-\beta_2)
-        g_t^2, \quad
+        |g_t|^2, \quad
         p_t = p_{t-1} - \eta_t \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t) +
         \epsilon_{\text{root}}} + \epsilon}.
 
@@ -269,8 +269,8 @@ def rmsprop(
     r"""RMSProp, optionally centred and with momentum.
 
     .. math::
-        v_t = \rho v_{t-1} + (1-\rho) g_t^2, \qquad
-        s_t = \frac{g_t}{\sqrt{v_t - [\bar g_t^2] + \epsilon}}, \qquad
+        v_t = \rho v_{t-1} + (1-\rho) |g_t|^2, \qquad
+        s_t = \frac{g_t}{\sqrt{v_t - [|\bar g_t|^2] + \epsilon}}, \qquad
         m_t = \mu\, m_{t-1} + \eta_t s_t, \qquad p_t = p_{t-1} - m_t
 
     where the bracketed :math:`\bar g_t = \rho \bar g_{t-1} + (1-\rho) g_t` is subtracted
@@ -326,7 +326,7 @@ def adagrad(
 ) -> GradientTransformation:
     r"""Adagrad.
 
-    .. math:: s_t = s_{t-1} + g_t^2, \qquad p_t = p_{t-1} - \eta_t\, g_t / \sqrt{s_t + \epsilon}
+    .. math:: s_t = s_{t-1} + |g_t|^2, \qquad p_t = p_{t-1} - \eta_t\, g_t / \sqrt{s_t + \epsilon}
 
     Args:
       learning_rate: :math:`\eta`, a float or a schedule.
@@ -472,7 +472,8 @@ def lion(
     Args:
       learning_rate: :math:`\eta`, a float or a schedule (typically 3-10x smaller than
         AdamW's).
-      b1, b2, mu_dtype: see :func:`scale_by_lion`.
+      b1, b2, mu_dtype: see :func:`scale_by_lion` (its ``mode`` gives the smooth and refined
+        variants; like Optax's ``lion``, the alias keeps the sign).
       weight_decay: :math:`\lambda`.
       mask: which parameters to decay.
 

@@ -18,6 +18,7 @@ MODULES = [
     "optstate.aliases",
     "optstate.quantization.wrapper",
     "optstate.staleness.resets",
+    "optstate.wrappers.multi_steps",
     "optstate.checkpoint.saving",
     "optstate.checkpoint.restoring",
     "optstate.cli.table",

@@ -91,7 +91,9 @@ def ema(updates: PyTree, moments: PyTree, decay: Any, order: int) -> PyTree:
       updates: the gradients :math:`g` (``None`` leaves allowed).
       moments: the running averages :math:`m`, a tree like ``updates``.
       decay: :math:`\beta`.
-      order: :math:`k` (1: first moment, 2: second moment).
+      order: :math:`k` (1: first moment, 2: :math:`g^2` itself, complex for complex
+        :math:`g`, as Optax's Adadelta has it; second moments of Adam-like transforms use
+        :func:`ema_of_squares`).
 
     Returns:
       The new moments, in the promoted dtype of ``g`` and ``m`` (callers cast them back).
@@ -105,6 +107,56 @@ def ema(updates: PyTree, moments: PyTree, decay: Any, order: int) -> PyTree:
             return m
         power = g if order == 1 else g**order
         return (1 - decay) * power + decay * m
+
+    return jax.tree.map(one, updates, moments, is_leaf=is_none)
+
+
+def abs_sq(x: jax.Array) -> jax.Array:
+    r"""The squared modulus :math:`|x|^2 = x \bar x`, real for complex ``x``.
+
+    For real ``x`` this is ``x * x`` (same dtype). For complex ``x`` it is
+    ``(conj(x) * x).real``, a real array, where ``x**2`` would be complex and of the wrong
+    modulus and phase (Optax's ``numerics.abs_sq`` convention). The second moments of Adam,
+    RMSProp, Adagrad and Adafactor are built from it.
+
+    Args:
+      x: a real or complex array.
+
+    Returns:
+      An array shaped like ``x``: ``x``'s dtype if real, the matching real dtype if complex.
+    """
+    x = jnp.asarray(x)
+    if jnp.iscomplexobj(x):
+        return (jnp.conj(x) * x).real
+    return x * x
+
+
+def ema_of_squares(updates: PyTree, moments: PyTree, decay: Any) -> PyTree:
+    r"""The exponential moving average of the squared modulus of ``updates``.
+
+    .. math:: v \leftarrow (1 - \beta)\, |g|^2 + \beta\, v
+
+    Equal to ``ema(updates, moments, decay, 2)`` for real gradients; for complex ones it
+    averages :math:`|g|^2 = g \bar g` (real, non-negative) rather than :math:`g^2`, as Optax's
+    ``tree.update_moment_per_elem_norm`` does. A ``None`` update leaves its moment unchanged.
+
+    Args:
+      updates: the gradients :math:`g` (``None`` leaves allowed).
+      moments: the running averages :math:`v`, a tree like ``updates``.
+      decay: :math:`\beta`.
+
+    Returns:
+      The new averages, in the promoted dtype of :math:`|g|^2` and :math:`v` (callers cast
+      them back).
+
+    Reference: Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015,
+    Algorithm 1 (with :math:`g^2` read as :math:`|g|^2` for complex parameters).
+    """
+
+    def one(g, v):
+        if g is None:
+            return v
+        return (1 - decay) * abs_sq(g) + decay * v
 
     return jax.tree.map(one, updates, moments, is_leaf=is_none)
 
@@ -147,7 +199,7 @@ def global_norm(tree: PyTree) -> jax.Array:
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros((), jnp.float32)
-    total = sum(jnp.sum(jnp.square(jnp.abs(x))) for x in leaves)
+    total = sum(jnp.sum(abs_sq(x)) for x in leaves)
     return jnp.sqrt(total)
 
 
@@ -171,7 +223,7 @@ def safe_norm(x: jax.Array, min_norm: Any) -> jax.Array:
 
 
 def safe_rms(x: jax.Array, min_rms: Any) -> jax.Array:
-    r"""``max(sqrt(mean(x^2)), min_rms)`` whose gradient is finite at ``x = 0``.
+    r"""``max(sqrt(mean(|x|^2)), min_rms)`` whose gradient is finite at ``x = 0``.
 
     Args:
       x: an array.
@@ -180,10 +232,10 @@ def safe_rms(x: jax.Array, min_rms: Any) -> jax.Array:
     Returns:
       A scalar.
     """
-    rms = jnp.sqrt(jnp.mean(jnp.square(x)))
+    rms = jnp.sqrt(jnp.mean(abs_sq(x)))
     below = rms <= min_rms
     masked = jnp.where(below, jnp.ones_like(x), x)
-    return jnp.where(below, min_rms, jnp.sqrt(jnp.mean(jnp.square(masked))))
+    return jnp.where(below, min_rms, jnp.sqrt(jnp.mean(abs_sq(masked))))
 
 
 def check_params_given(params: Any, context: str) -> None:

@@ -6,9 +6,11 @@ per block; an unblocked one sees rows and keeps no scale.
 
 * :class:`CodebookCodec` (``int8``, ``int4``): the block's absolute maximum :math:`s` is the
   scale and :math:`\mathrm{code} = \mathrm{encode}(x / s)` with a code book, signed for signed
-  state and unsigned, zero-free for non-negative state (Dettmers et al., "8-bit Optimizers via
-  Block-wise Quantization", ICLR 2022; Li, Chen, Zhu, "Memory Efficient Optimizers with 4-bit
-  States", NeurIPS 2023).
+  state and unsigned, zero-free for non-negative state; a block of "non-negative" state (so
+  named by its field) that holds a negative value anyway is stored on the unsigned grid shifted
+  to cover [-1, 1] and says so by a negative scale, so a wrong guess never corrupts a value
+  (Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022; Li, Chen, Zhu,
+  "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023).
 * :class:`ScaledFloatCodec` (FP8): :math:`\mathrm{scale} = s / t` with :math:`t` the largest
   power of two not above the format's largest finite value, so the scale is exact and
   re-quantizing an unchanged block returns the same codes; the code is the bits of the FP8
@@ -90,11 +92,23 @@ class CodebookCodec:
 
     def encode(self, x3, nonneg, u3):
         absmax = _absmax(x3)
-        codes3 = self.book(nonneg).encode(_normalized(x3, _safe_inverse(absmax)), u3)
-        return codes3, absmax[..., 0]
+        y = _normalized(x3, _safe_inverse(absmax))
+        if not nonneg:
+            return self.signed.encode(y, u3), absmax[..., 0]
+        # State expected to be non-negative (by its field name) uses the unsigned, zero-free
+        # grid. A block that holds a negative value anyway is stored on the same grid shifted
+        # to cover [-1, 1], y -> (y + 1) / 2, and says so by a negative scale: one encoder, and
+        # a wrong guess costs precision in that block, never a sign.
+        negative = jnp.min(x3, axis=-1, keepdims=True) < 0
+        codes3 = self.unsigned.encode(jnp.where(negative, (y + 1.0) * 0.5, y), u3)
+        return codes3, jnp.where(negative, -absmax, absmax)[..., 0]
 
     def decode(self, codes3, scales, nonneg):
-        return self.book(nonneg).decode(codes3) * scales[..., None]
+        scales = scales[..., None]
+        if not nonneg:
+            return self.signed.decode(codes3) * scales
+        values = self.unsigned.decode(codes3)
+        return jnp.where(scales < 0, 2.0 * values - 1.0, values) * jnp.abs(scales)
 
 
 def float_bits(x: jax.Array, dtype: jnp.dtype, codes_dtype: jnp.dtype) -> jax.Array:
@@ -131,8 +145,8 @@ class ScaledFloatCodec:
         y = jnp.clip(x3 * _safe_inverse(absmax, target), -limit, limit)
         if u3 is not None:
             y = self.grid.round(y, u3)
-        if nonneg:
-            y = jnp.maximum(y, np.float32(self.grid.smallest_subnormal) * jnp.sign(x3))
+        if nonneg:  # a positive value never rounds to 0; negative values stay as they are
+            y = jnp.where(x3 > 0, jnp.maximum(y, np.float32(self.grid.smallest_subnormal)), y)
         scales = absmax[..., 0] * np.float32(1.0 / target)
         return float_bits(y, jnp.dtype(self.dtype), jnp.dtype(self.codes_dtype)), scales
 
@@ -152,9 +166,9 @@ class FloatCodec:
     def encode(self, x2, nonneg, u2):
         dtype = jnp.dtype(self.dtype)
         values = (x2 if u2 is None else self.grid.round(x2, u2)).astype(dtype)
-        if nonneg:  # never store 0 for a positive value (underflow below the subnormals)
+        if nonneg:  # a positive value never rounds to 0; negative values stay as they are
             tiny = jnp.asarray(self.grid.smallest_subnormal, dtype)
-            values = jnp.maximum(values, tiny * jnp.sign(x2).astype(dtype))
+            values = jnp.where(x2 > 0, jnp.maximum(values, tiny), values)
         bits = jax.lax.bitcast_convert_type(values, jnp.dtype(self.codes_dtype))
         return bits, jnp.zeros((0,), jnp.float32)
 

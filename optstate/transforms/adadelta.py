@@ -33,6 +33,10 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransforma
         u_t &= \frac{\sqrt{E[\Delta x^2]_{t-1} + \epsilon}}{\sqrt{E[g^2]_t + \epsilon}}\, g_t, \\
         E[\Delta x^2]_t &= \rho\, E[\Delta x^2]_{t-1} + (1 - \rho)\, u_t^2.
 
+    The squares are plain squares, :math:`g^2` and :math:`u^2`, also for complex parameters
+    (complex averages, as Optax's ``scale_by_adadelta`` keeps them), unlike the
+    :math:`|g|^2` of Adam, RMSProp and Adagrad.
+
     Args:
       rho: :math:`\rho`, the decay of both averages.
       eps: :math:`\epsilon`, inside both square roots.

@@ -18,6 +18,7 @@ from optstate._core.numerics import (
     bias_correction,
     cast_like,
     ema,
+    ema_of_squares,
     is_none,
     safe_increment,
     zero_count,
@@ -49,7 +50,7 @@ def scale_by_adam(
 
     .. math::
         m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t, \qquad
-        v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2, \\
+        v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, |g_t|^2, \\
         \hat m_t &= m_t / (1 - \beta_1^t), \qquad \hat v_t = v_t / (1 - \beta_2^t), \\
         u_t &= \hat m_t / \left(\sqrt{\hat v_t + \epsilon_{\text{root}}} + \epsilon\right).
 
@@ -57,7 +58,9 @@ def scale_by_adam(
     :math:`\beta_1 m_t / (1 - \beta_1^{t+1}) + (1 - \beta_1)\, g_t / (1 - \beta_1^{t})`.
 
     The moments are updated in the promoted dtype of the gradient and the stored moment and
-    then stored back in ``mu_dtype`` / ``nu_dtype``.
+    then stored back in ``mu_dtype`` / ``nu_dtype``. For complex parameters
+    :math:`|g|^2 = g \bar g` is real, as in Optax; ``nu`` keeps the parameters' (complex)
+    dtype unless ``nu_dtype`` says otherwise.
 
     Args:
       b1: decay :math:`\beta_1` of the first moment.
@@ -109,7 +112,7 @@ def scale_by_adam(
         check_state(state, ScaleByAdamState, "scale_by_adam")
         check_updates(updates, state.mu, reference_name="state.mu", context="scale_by_adam")
         mu = ema(updates, state.mu, b1, 1)
-        nu = ema(updates, state.nu, b2, 2)
+        nu = ema_of_squares(updates, state.nu, b2)
         count = safe_increment(state.count)
         if nesterov:
             mu_next = bias_correction(mu, b1, safe_increment(count))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from optstate._core.base import GradientTransformation, init_empty_state
 from optstate._core.checks import check_scalar
-from optstate._core.numerics import global_norm, is_none
+from optstate._core.numerics import abs_sq, global_norm, is_none
 
 
 def clip(max_delta: float) -> GradientTransformation:
@@ -51,7 +51,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
     .. math::
         u \leftarrow \begin{cases} u & \|u\|_2 < c \\ c\, u / \|u\|_2 & \text{otherwise}
-        \end{cases}, \qquad \|u\|_2 = \sqrt{\textstyle\sum_{\text{leaves}} \sum u_i^2}
+        \end{cases}, \qquad \|u\|_2 = \sqrt{\textstyle\sum_{\text{leaves}} \sum |u_i|^2}
 
     Args:
       max_norm: :math:`c`.
@@ -90,7 +90,8 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 def clip_by_block_rms(threshold: float) -> GradientTransformation:
     r"""Rescales each leaf so that its root mean square is at most ``threshold``.
 
-    .. math:: u \leftarrow u / \max\!\big(1,\ \operatorname{RMS}(u) / d\big)
+    .. math:: u \leftarrow u / \max\!\big(1,\ \operatorname{RMS}(u) / d\big), \qquad
+        \operatorname{RMS}(u) = \sqrt{\operatorname{mean} |u|^2}
 
     Args:
       threshold: :math:`d`, the largest RMS allowed per leaf.
@@ -115,7 +116,7 @@ def clip_by_block_rms(threshold: float) -> GradientTransformation:
         def one(g):
             if g is None:
                 return None
-            return g / jnp.maximum(1.0, jnp.sqrt(jnp.mean(jnp.square(g))) / threshold)
+            return g / jnp.maximum(1.0, jnp.sqrt(jnp.mean(abs_sq(g))) / threshold)
 
         return jax.tree.map(one, updates, is_leaf=is_none), state
 

@@ -16,6 +16,7 @@ import numpy as np
 from optstate._core.base import GradientTransformation, init_empty_state
 from optstate._core.checks import check_int, check_scalar, check_state, describe
 from optstate._core.numerics import (
+    abs_sq,
     check_params_given,
     check_same_structure,
     is_none,
@@ -70,7 +71,7 @@ def scale_by_factored_rms(
     r"""Adafactor: divides updates by a (row x column) factored estimate of the gradient RMS.
 
     With :math:`\hat\beta_t` = ``decay_rate_fn(t - step_offset, decay_rate)`` (by default
-    :math:`1 - (t+1)^{-0.8}`) and :math:`G = g^2 + \epsilon_1`, a matrix leaf
+    :math:`1 - (t+1)^{-0.8}`) and :math:`G = |g|^2 + \epsilon_1`, a matrix leaf
     (both factored axes of size at least ``min_dim_size_to_factor``) keeps
 
     .. math::
@@ -166,7 +167,7 @@ def scale_by_factored_rms(
         for g, r, c, v, p in zip(grads, rows, cols, fulls, ps):
             dtype = p.dtype
             axes = axes_of(p)
-            sq = jnp.square(g) + epsilon
+            sq = abs_sq(g) + epsilon
             if axes is not None:
                 small, large = axes
                 new_r = (beta * r + (1.0 - beta) * jnp.mean(sq, axis=large)).astype(dtype)

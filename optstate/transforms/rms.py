@@ -15,8 +15,10 @@ from optstate._core.base import GradientTransformation
 from optstate._core.checks import check_scalar, check_state
 from optstate._core.numerics import (
     bias_correction as _bias_correction,
+    abs_sq,
     cast_like,
     ema,
+    ema_of_squares,
     full_like,
     is_none,
     safe_increment,
@@ -89,7 +91,7 @@ def scale_by_rms(
     r"""RMSProp: divides updates by the root of a moving average of squared gradients.
 
     .. math::
-        v_t = \rho\, v_{t-1} + (1 - \rho)\, g_t^2, \qquad
+        v_t = \rho\, v_{t-1} + (1 - \rho)\, |g_t|^2, \qquad
         u_t = g_t / \sqrt{\hat v_t + \epsilon}
         \quad\text{or}\quad g_t / (\sqrt{\hat v_t} + \epsilon)\ \text{(eps\_in\_sqrt=False)}
 
@@ -129,7 +131,7 @@ def scale_by_rms(
         del params, extra_args
         check_state(state, state_type, "scale_by_rms")
         check_updates(updates, state.nu, reference_name="state.nu", context="scale_by_rms")
-        nu = ema(updates, state.nu, decay, 2)
+        nu = ema_of_squares(updates, state.nu, decay)
         if bias_correction:
             count = safe_increment(state.count)
             nu_hat = _bias_correction(nu, decay, count)
@@ -158,8 +160,8 @@ def scale_by_stddev(
 
     .. math::
         m_t = \rho\, m_{t-1} + (1 - \rho)\, g_t, \qquad
-        v_t = \rho\, v_{t-1} + (1 - \rho)\, g_t^2, \qquad
-        u_t = g_t / \sqrt{\hat v_t - \hat m_t^2 + \epsilon}
+        v_t = \rho\, v_{t-1} + (1 - \rho)\, |g_t|^2, \qquad
+        u_t = g_t / \sqrt{\hat v_t - |\hat m_t|^2 + \epsilon}
 
     (or :math:`g_t / (\sqrt{\hat v_t - \hat m_t^2} + \epsilon)` with
     ``eps_in_sqrt=False``), hats meaning bias-corrected when ``bias_correction``.
@@ -197,7 +199,7 @@ def scale_by_stddev(
         check_state(state, state_type, "scale_by_stddev")
         check_updates(updates, state.nu, reference_name="state.nu", context="scale_by_stddev")
         mu = ema(updates, state.mu, decay, 1)
-        nu = ema(updates, state.nu, decay, 2)
+        nu = ema_of_squares(updates, state.nu, decay)
         if bias_correction:
             count = safe_increment(state.count)
             mu_hat = _bias_correction(mu, decay, count)
@@ -205,7 +207,7 @@ def scale_by_stddev(
         else:
             mu_hat, nu_hat = mu, nu
         updates = jax.tree.map(
-            lambda g, m, v: None if g is None else inverse_root(v - jnp.square(m)) * g,
+            lambda g, m, v: None if g is None else inverse_root(v - abs_sq(m)) * g,
             updates, mu_hat, nu_hat, is_leaf=is_none,
         )
         mu = cast_like(mu, state.mu)
@@ -223,7 +225,7 @@ def scale_by_rss(
     r"""Adagrad: divides updates by the root of the sum of all squared gradients so far.
 
     .. math::
-        s_t = s_{t-1} + g_t^2, \qquad
+        s_t = s_{t-1} + |g_t|^2, \qquad
         u_t = \begin{cases} g_t / \sqrt{s_t + \epsilon} & s_t > 0 \\ 0 & s_t = 0 \end{cases}
 
     with :math:`s_0` = ``initial_accumulator_value``.
@@ -258,7 +260,7 @@ def scale_by_rss(
         check_updates(updates, state.sum_of_squares, reference_name="state.sum_of_squares",
                       context="scale_by_rss")
         total = jax.tree.map(
-            lambda g, s: s if g is None else jnp.square(g) + s, updates, state.sum_of_squares,
+            lambda g, s: s if g is None else abs_sq(g) + s, updates, state.sum_of_squares,
             is_leaf=is_none,
         )
         updates = jax.tree.map(

@@ -46,7 +46,8 @@ def add_decayed_weights(
 
     Returns:
       A :class:`~optstate.GradientTransformation`; its ``update`` needs ``params``. The state
-      is :class:`WeightDecaySchedule` for a schedule, else empty.
+      is :class:`WeightDecaySchedule` for a schedule, else empty. ``None`` updates (a whole
+      tree of ``None``) are returned as ``None``, as Optax does; a schedule still advances.
 
     Raises:
       ValueError: ``weight_decay`` NaN, infinite, or an array that is not 0-d (its sign is
@@ -67,7 +68,8 @@ def add_decayed_weights(
         del extra_args
         context = "add_decayed_weights"
         check_params_given(params, context)
-        check_updates(updates, params, reference_name="params", context=context)
+        if updates is not None:  # None updates (nothing to decay into) pass through, as in Optax
+            check_updates(updates, params, reference_name="params", context=context)
         if scheduled:
             check_state(state, WeightDecaySchedule, context)
             rate = weight_decay(state.count)
@@ -77,6 +79,8 @@ def add_decayed_weights(
             new_state = state
             if isinstance(weight_decay, (int, float)) and weight_decay == 0.0:
                 return updates, new_state
+        if updates is None:
+            return None, new_state
         updates = jax.tree.map(
             lambda g, p: None if g is None else g + rate * p, updates, params, is_leaf=is_none
         )

@@ -102,9 +102,36 @@ def _as_bool(path: str, m: Any, context: str) -> bool:
     )
 
 
+def is_mask_function(mask: Any) -> bool:
+    """Whether ``mask`` is a function ``params -> mask tree`` rather than a mask tree.
+
+    Optax's rule: it is a function when every leaf of ``mask`` (seen as a pytree) is callable
+    and there is at least one. A plain function is a single callable leaf; a callable pytree
+    whose leaves are bools (an Equinox-like module defining ``__call__``) is a mask tree, not
+    a function, and is never called.
+    """
+    leaves = jax.tree.leaves(mask)
+    return bool(leaves) and all(callable(leaf) for leaf in leaves)
+
+
 def resolve_mask(mask: MaskOrFn, tree: PyTree) -> PyTree:
-    """The mask tree for ``tree``: ``mask(tree)`` if ``mask`` is callable, else ``mask``."""
-    return mask(tree) if callable(mask) else mask
+    """The mask tree for ``tree``: ``mask(tree)`` if ``mask`` is a mask function (see
+    :func:`is_mask_function`), else ``mask``."""
+    return mask(tree) if is_mask_function(mask) else mask
+
+
+def is_params_placeholder(params: Any) -> bool:
+    """Whether ``params`` is the placeholder ``optax.tree.map_params`` passes to ``init``.
+
+    ``optax.tree.map_params(tx, f, state)`` calls ``tx.init`` on an empty pytree node (a
+    private class of ``optax.tree_utils``) to learn where the parameter-shaped trees sit in
+    the state; a mask cannot be applied to it, so :func:`masked` hands it to the inner
+    transform unchanged, as Optax's ``masked`` does. Recognised by class name and module, so
+    optstate does not import Optax.
+    """
+    cls = type(params)
+    return (cls.__name__ == "_ParamsPlaceholder"
+            and cls.__module__.split(".", 1)[0] == "optax")
 
 
 def split_by_mask(mask_tree: Any, tree: Any, *, tree_name: str, context: str
@@ -139,9 +166,17 @@ def masked(inner: GradientTransformation, mask: MaskOrFn) -> GradientTransformat
     Args:
       inner: the transform to apply to the selected leaves (optstate's or Optax's).
       mask: a pytree of bools with the structure of the parameters (or of a prefix of it;
-        a bool at an inner node selects the whole subtree), or a callable
+        a bool at an inner node selects the whole subtree), or a function
         ``params -> mask`` (called on the parameters in ``init`` and on the updates in
-        ``update``). The mask must be static: Python/NumPy bools or concrete arrays.
+        ``update``). The mask must be static: Python/NumPy bools or concrete arrays. As in
+        Optax, ``mask`` is called only when all its pytree leaves are callable (a plain
+        function); a callable pytree of bools, such as an Equinox module, is a mask tree.
+
+    Under ``optax.tree.map_params`` (which calls ``init`` on a placeholder instead of
+    parameters) ``init`` passes the placeholder to ``inner`` unmasked, as Optax does, so
+    ``f`` is mapped over the inner state's parameter-shaped trees; there, masked-out
+    leaves are :class:`MaskedNode` (pass ``is_leaf`` to ``map_params`` if ``f`` takes
+    extra trees).
 
     Returns:
       A :class:`GradientTransformation` with state :class:`MaskedState`.
@@ -160,6 +195,8 @@ def masked(inner: GradientTransformation, mask: MaskOrFn) -> GradientTransformat
     inner = with_extra_args_support(inner)
 
     def init(params: Params) -> MaskedState:
+        if is_params_placeholder(params):
+            return MaskedState(inner_state=inner.init(params))
         bools, subtrees, treedef = split_by_mask(
             resolve_mask(mask, params), params, tree_name="params", context="masked.init")
         return MaskedState(inner_state=inner.init(mask_tree_with(bools, subtrees, treedef)))

@@ -13,7 +13,7 @@ import jax
 from optstate._core.base import GradientTransformation
 from optstate._core.checks import check_state, check_transform, describe
 from optstate._core.types import OptState, Params, PyTree, Updates
-from optstate.wrappers.masking import flatten_prefix, masked
+from optstate.wrappers.masking import flatten_prefix, is_params_placeholder, masked
 
 #: A pytree of labels shaped like the parameters (or a prefix of them), or ``params -> labels``.
 LabelsOrFn = PyTree | Callable[[Params], PyTree]
@@ -71,7 +71,8 @@ def partition(transforms: Mapping[Hashable, GradientTransformation],
         the updates in ``update``). Every label must be a key of ``transforms``.
 
     Returns:
-      A :class:`GradientTransformation` with state :class:`PartitionState`.
+      A :class:`GradientTransformation` with state :class:`PartitionState`. Like
+      :func:`masked`, it works under ``optax.tree.map_params``.
 
     Raises:
       TypeError: ``transforms`` is not a mapping of transforms (naming the label whose value
@@ -97,6 +98,11 @@ def partition(transforms: Mapping[Hashable, GradientTransformation],
         return jax.tree.map(lambda label: label == group, labels)
 
     def init(params: Params) -> PartitionState:
+        if is_params_placeholder(params):
+            # optax.tree.map_params: nothing to label; each group's masked init hands the
+            # placeholder to its transform, as Optax's partition does.
+            return PartitionState(inner_states={
+                group: masked(tx, True).init(params) for group, tx in transforms.items()})
         labels = _labels_for(param_labels, params, "params", "partition.init", transforms)
         return PartitionState(inner_states={
             group: masked(tx, group_mask(labels, group)).init(params)

@@ -76,3 +76,24 @@ def test_a_new_format_is_one_registry_entry(monkeypatch):
     assert state.inner_state[0].mu["w"].scales.shape == (256, 4)
     np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(ref_updates["w"]))
     assert "int8_b64" in str(optstate.memory.describe(state))
+
+
+@settings(deadline=None, max_examples=30)
+@given(st.sampled_from(formats.QUANTIZED_NAMES), st.integers(1, 128), st.integers(0, 2**31 - 1),
+       st.floats(0.0, 1.0))
+def test_non_negative_grid_never_changes_a_sign(name, cols, seed, negative_share):
+    """``nonneg=True`` is a hint (a field name such as ``nu``), not a promise: a block holding
+    a negative value anyway keeps every value within the grid's resolution (before: the
+    unsigned grid stored negatives as tiny positives, and FP8/BF16 clamped them to minus the
+    smallest subnormal); a block without one uses the zero-free grid (no positive becomes 0)."""
+    key_sign, key_value = jax.random.split(jax.random.key(seed))
+    x = jnp.abs(jax.random.normal(key_value, (1, cols), jnp.float32)) + 1e-3  # one block
+    x = jnp.where(jax.random.uniform(key_sign, x.shape) < negative_share, -x, x)
+    hinted = np.asarray(dequantize(quantize_array(x, name, nonneg=True)))
+    x = np.asarray(x)
+    # resolution over [-1, 1] relative to the block's largest magnitude: the shifted unsigned
+    # code book for int8/int4 (int4's linear grid also stops at -7/8), the float grid otherwise
+    resolution = {"int8": 0.01, "int4": 0.13, "fp8_e4m3": 0.07, "bf16": 0.01}.get(name, 0.13)
+    np.testing.assert_allclose(hinted, x, atol=resolution * np.abs(x).max())
+    if not (x < 0).any():
+        assert np.all(hinted > 0)

@@ -475,3 +475,14 @@ def test_arguments_and_states_it_cannot_use_are_refused_by_name():
     int8_state = quantize_state(optstate.adam(1e-3), "int8", min_size=1).init(params)
     with pytest.raises(ValueError, match=r"\[0\].mu\['w'\].*'int8'.*stores 'int4'"):
         quantize_state(optstate.adam(1e-3), "int4", min_size=1).update(params, int8_state, params)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8_e4m3", "bf16"])
+def test_optax_sm3_trains_in_every_format(fmt):
+    """Optax's SM3 keeps its (signed) momentum in a field named ``nu``: the field-name hint
+    must not corrupt it. Before: 0.49 against fp32's 0.04 in every format (issue 12)."""
+    reference = _least_squares_loss(lambda: optax.sm3(0.3))
+    start = _least_squares_loss(lambda: optax.sgd(0.0))
+    loss = _least_squares_loss(lambda: quantize_state(optax.sm3(0.3), fmt))
+    limit = 0.3 if fmt == "int4" else 0.1
+    assert (loss - reference) / (start - reference) < limit

@@ -1,4 +1,4 @@
-"""optstate.inject_hyperparams: Optax parity, float32 state, settable values, static args."""
+"""optstate.inject_hyperparams: Optax parity, state dtypes, settable values, static args."""
 
 import chex
 import jax
@@ -76,20 +76,26 @@ def test_changing_lr_changes_the_next_step_like_a_fresh_optimizer():
     assert state.hyperparams["learning_rate"].dtype == jnp.float32
 
 
-def test_hyperparams_are_float32_arrays_even_for_bfloat16_params():
+def test_bfloat16_params_give_bfloat16_hyperparams_and_float32_on_request():
+    # Optax's rule (parity with optax.inject_hyperparams: tests/test_optax_behaviours.py):
+    # the parameters' dtype by default; hyperparam_dtype=jnp.float32 keeps float32.
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
-    tx = inject_hyperparams(optstate.adam)(learning_rate=1e-3, b1=0.9)
-    state = tx.init(params)
-    assert isinstance(state, InjectHyperparamsState)
-    for name in ("learning_rate", "b1", "b2", "eps", "eps_root"):
-        v = state.hyperparams[name]
-        assert isinstance(v, jax.Array) and v.dtype == jnp.float32 and v.shape == ()
-        assert not v.weak_type
-    assert float(state.hyperparams["learning_rate"]) == np.float32(1e-3)
-    _, new_state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
-    assert jax.tree.structure(new_state) == jax.tree.structure(state)
-    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
-        assert (a.dtype, a.shape, a.weak_type) == (b.dtype, b.shape, b.weak_type)
+    for dtype, want in ((None, jnp.bfloat16), (jnp.float32, jnp.float32)):
+        tx = inject_hyperparams(optstate.adam, hyperparam_dtype=dtype)(
+            learning_rate=1e-3, b1=0.9)
+        state = tx.init(params)
+        assert isinstance(state, InjectHyperparamsState)
+        for name in ("learning_rate", "b1", "b2", "eps", "eps_root"):
+            v = state.hyperparams[name]
+            assert isinstance(v, jax.Array) and v.dtype == want and v.shape == ()
+            assert not v.weak_type
+        assert float(state.hyperparams["learning_rate"]) == float(jnp.asarray(1e-3, want))
+        # The state keeps its structure and dtypes, with or without params at update.
+        for p in (params, None):
+            _, new_state = tx.update(jax.tree.map(jnp.ones_like, params), state, p)
+            assert jax.tree.structure(new_state) == jax.tree.structure(state)
+            for x, y in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
+                assert (x.dtype, x.shape, x.weak_type) == (y.dtype, y.shape, y.weak_type)
 
 
 def test_schedule_evaluated_on_step_count_and_not_settable():
