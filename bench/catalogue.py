@@ -33,16 +33,16 @@ def catalogue() -> dict[str, optax.GradientTransformation]:
     """Optax's optimizers, each with a learning rate that trains this problem."""
     return {
         "adam": optax.adam(3e-2), "adamw": optax.adamw(3e-2), "nadam": optax.nadam(3e-2),
-        "nadamw": optax.nadamw(3e-2), "radam": optax.radam(3e-2), "adamax": optax.adamax(3e-2),
-        "amsgrad": optax.amsgrad(3e-2), "adabelief": optax.adabelief(3e-2),
-        "yogi": optax.yogi(3e-2), "lamb": optax.lamb(3e-2), "lion": optax.lion(3e-3),
-        "sgd_momentum": optax.sgd(0.3, momentum=0.9),
-        "sgd_nesterov": optax.sgd(0.3, momentum=0.9, nesterov=True),
-        "rmsprop": optax.rmsprop(1e-2), "adagrad": optax.adagrad(0.3),
-        "adadelta": optax.adadelta(30.0), "adafactor": optax.adafactor(3e-2),
-        "novograd": optax.novograd(3e-2), "sm3": optax.sm3(0.3), "adan": optax.adan(3e-2),
-        "lars": optax.lars(0.3), "sign_sgd": optax.sign_sgd(1e-2),
-        "muon": contrib.muon(3e-2),
+        "nadamw": optax.nadamw(3e-2), "radam": optax.radam(0.1), "adamax": optax.adamax(0.1),
+        "amsgrad": optax.amsgrad(0.1), "adabelief": optax.adabelief(3e-2),
+        "yogi": optax.yogi(0.3), "lamb": optax.lamb(3e-2), "lion": optax.lion(1e-2),
+        "sgd_momentum": optax.sgd(10.0, momentum=0.9),
+        "sgd_nesterov": optax.sgd(10.0, momentum=0.9, nesterov=True),
+        "rmsprop": optax.rmsprop(3e-2), "adagrad": optax.adagrad(10.0),
+        "adadelta": optax.adadelta(100.0), "adafactor": optax.adafactor(0.1),
+        "novograd": optax.novograd(0.3), "sm3": optax.sm3(0.3), "adan": optax.adan(3e-2),
+        "lars": optax.lars(10.0), "sign_sgd": optax.sign_sgd(1e-2),
+        "muon": contrib.muon(0.3),
         "schedule_free_adamw": contrib.schedule_free_adamw(3e-2, warmup_steps=20),
     }
 

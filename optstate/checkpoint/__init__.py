@@ -6,31 +6,37 @@ from ``jax.eval_shape``, optionally carrying shardings) gives back, bit for bit,
 were saved, laid out with the target's shardings — on the same devices or on another mesh or
 device count (Orbax reads only the slices each device needs).
 
-On disk, ``directory/step_<N>/`` holds:
+It runs on Orbax's ``CheckpointManager`` (one per directory), on one process or on every
+process of a ``jax.distributed`` job: :func:`save` and :func:`restore` are *collective* there
+(every process calls them with the same arguments); each process writes and reads only its
+own shards, and the primary host writes the sidecar. On disk, ``directory/step_<N>/`` holds:
 
-* ``arrays/`` — an Orbax (OCDBT) array store, one entry per array leaf;
-* ``optstate.json`` — the sidecar: the optstate version, the state-format version
-  (:data:`FORMAT_VERSION`), the tree description (per leaf path: shape, dtype, and for quantized
-  leaves their format), a SHA-256 checksum of every array's bytes, and the user's metadata.
+* ``state/`` — Orbax's (OCDBT) array store, one entry per stored array;
+* ``optstate/metadata`` — the sidecar (JSON): the optstate version, the state-format version
+  (:data:`FORMAT_VERSION`), the tree description (per leaf path: shape, dtype, and for
+  quantized leaves their format), a checksum of every array, and the user's metadata.
 
 Guarantees:
 
-* **Crash safety.** A save writes into a hidden temporary directory
-  ``directory/.tmp-step_<N>.<host>.<pid>.<nonce>`` and renames it to ``step_<N>`` in one atomic
-  ``rename`` once everything (arrays, then sidecar, all fsync'ed) is written. Only ``step_<N>``
-  directories holding a sidecar count as checkpoints, so a process killed at any moment (SIGKILL
-  included) leaves earlier checkpoints untouched and the half-written one invisible; the next
-  save on the same host removes such leftovers of dead processes.
-* **Integrity.** Restore recomputes every leaf's checksum and compares it with the sidecar
-  (which carries a checksum of its own, so edited metadata is caught too), and compares the
-  target's tree (paths, shapes, dtypes, PRNG key types, quantization formats) with the saved
-  one; any difference raises :class:`CheckpointError` naming the step and the leaf path.
+* **Crash safety.** Orbax writes a step into ``step_<N>.orbax-checkpoint-tmp-*`` and renames
+  it into place once every process has written; only committed ``step_<N>`` directories count
+  (for any observer, too), so a process killed at any moment leaves earlier checkpoints
+  intact and the half-written one invisible. In a multi-process run, a process whose peer
+  died raises :class:`CheckpointError` within a bounded time (``timeout=``,
+  ``$OPTSTATE_CHECKPOINT_TIMEOUT``, default 60 s) instead of waiting at a barrier.
+* **Integrity without gathering.** At save, a checksum of each global array is computed on its
+  devices, independent of its sharding (:mod:`~optstate.checkpoint.integrity`); restore
+  recomputes it on the restored arrays, and the sidecar carries a checksum of its own. The
+  target's tree (paths, shapes, dtypes, PRNG key types, quantization formats) is compared
+  with the saved one. Any difference raises :class:`CheckpointError` naming the step and leaf.
 * **Versioning.** A sidecar of an older format version is migrated (``sidecar._MIGRATIONS``) or
   refused with a message saying which optstate wrote it; a newer one asks for an upgrade.
 * **No code execution on load.** The sidecar is JSON and the arrays are raw tensor data: nothing
   is unpickled.
-* **Nothing is overwritten.** Saving to an existing step raises; only ``keep=`` removes old
-  steps, and only after the new one is complete.
+* **Nothing is overwritten or lost.** Saving to an existing step, or below the latest step of
+  the directory, raises; ``keep=`` removes only older steps, after the new one is committed.
+* What Orbax does not store natively is kept exactly: dtypes it refuses (``uint4``,
+  ``float8_e4m3``...) as raw bits, empty leaves, weak types, typed PRNG keys.
 
 Usage::
 
@@ -40,27 +46,26 @@ Usage::
     target = jax.eval_shape(lambda: {"params": params, "opt": opt_state})  # or with shardings
     state = checkpoint.restore(ckpt_dir, target=target)  # latest complete step
 
-Limits: directories must be on a local or POSIX-mounted filesystem (no ``gs://``), and
-multi-process (``jax.distributed``) saving is not supported yet: all arrays must be addressable
-from the saving process (any number of local devices is fine).
+Limits: directories must be on a local or POSIX-mounted filesystem (no ``gs://``).
 """
 
 # The package, one concern per module (each imports only those above it, _core, and the
 # quantized-array type; Orbax is imported on first use, not by ``import optstate.checkpoint``):
 #   errors     CheckpointError and how messages name leaves and underlying errors
-#   files      directory layout, step listing, temporary directories, fsync, pruning
+#   files      directory layout, step listing, OS errors as CheckpointError
+#   integrity  sharding-independent checksums computed on the devices
 #   sidecar    the JSON description: schema, FORMAT_VERSION, migrations, seal; describe
 #   encoding   per-leaf description and storage: dtypes, bit encoding, PRNG keys, weak
-#              types, quantized groups, checksums
-#   _orbax     the lazily imported Orbax checkpointer and the quieting of its logs
-#   saving     save (synchronous or in the background) and wait_until_finished
-#   restoring  restore into an abstract target, resharding as asked
+#              types, quantized groups
+#   _orbax     the lazily imported Orbax, one CheckpointManager per directory, time bounds
+#   saving     save (synchronous or asynchronous) and wait_until_finished
+#   restoring  restore into an abstract target, resharding as asked; verify
 
 from __future__ import annotations
 
 from optstate.checkpoint.errors import CheckpointError
 from optstate.checkpoint.files import all_steps, incomplete_saves, latest_step
-from optstate.checkpoint.restoring import restore
+from optstate.checkpoint.restoring import restore, verify
 from optstate.checkpoint.saving import save, wait_until_finished
 from optstate.checkpoint.sidecar import FORMAT_VERSION, describe, read_metadata
 
@@ -74,5 +79,6 @@ __all__ = [
     "read_metadata",
     "restore",
     "save",
+    "verify",
     "wait_until_finished",
 ]

@@ -6,17 +6,15 @@ implementation. Orbax (TensorStore) stores most dtypes natively; any other dtype
 ``uint8`` below 8 bits), and a PRNG key as its key data, so that restore can rebuild exactly the
 array that was saved. Quantized leaves (:class:`~optstate.quantization.array.QuantizedArray`)
 are stored as their array children and additionally recorded as groups, so that a target of
-another quantization format is refused. Each stored array is hashed from a host copy.
+another quantization format is refused.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from optstate._core import _compat
 from optstate._core._compat import with_weak_type
@@ -155,23 +153,3 @@ def _sharding_note(x: Any) -> dict[str, Any] | None:
     if sharding is not None:
         return {"devices": len(sharding.device_set)}
     return None
-
-
-# -------------------------------------------------------------------------------------------
-# Bytes and checksums
-# -------------------------------------------------------------------------------------------
-
-
-def _host_copy(x: jax.Array, where: str) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        raise CheckpointError(
-            f"{where}: the array is not fully addressable from this process (multi-process "
-            "runs are not supported by optstate.checkpoint yet)."
-        )
-    return np.asarray(x)
-
-
-def _sha256(host: np.ndarray) -> str:
-    """SHA-256 of an array's bytes in C order (no copy when already contiguous)."""
-    raw = np.ascontiguousarray(host).reshape(-1).view(np.uint8)
-    return hashlib.sha256(raw).hexdigest()

@@ -1,12 +1,12 @@
-"""The checkpoint directory on disk: its layout, which steps it holds, and the file operations
-that make saving crash-safe.
+"""The checkpoint directory: its layout, which steps it holds, and OS errors worded as ours.
 
-``directory/step_<N>/`` is a complete checkpoint once it holds the sidecar (``optstate.json``)
-next to the array store (``arrays/``). A save writes into a hidden
-``.tmp-step_<N>.<host>.<pid>.<nonce>`` directory, fsyncs it, and renames it into place; an old
-step removed by ``keep=`` is first renamed to a hidden ``.del-step_<N>.<nonce>``. Both kinds of
-hidden directory are never read as checkpoints, and the next save on the same host removes
-those left by processes that died.
+Orbax's ``CheckpointManager`` owns the directory: ``directory/step_<N>/`` holds the arrays
+(item ``state``, an OCDBT array store) and the sidecar (item ``optstate``, one JSON file,
+:data:`_SIDECAR`). A save is written into ``step_<N>.orbax-checkpoint-tmp-<n>`` and renamed
+into place by Orbax once every process has written its shards, so a step is listed here only
+once complete. Listing reads the directory and never removes anything (not even temporary
+directories of dead processes: on a shared filesystem they may belong to a live save of
+another host).
 """
 
 from __future__ import annotations
@@ -14,42 +14,39 @@ from __future__ import annotations
 import operator
 import os
 import re
-import secrets
-import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
-from optstate.checkpoint.errors import CheckpointError
+from optstate.checkpoint.errors import CheckpointError, _summary
 
-_SIDECAR = "optstate.json"
-_ARRAYS = "arrays"
+_STATE = "state"  # Orbax item holding the arrays
+_META = "optstate"  # Orbax item holding the sidecar (JSON)
+_SIDECAR = f"{_META}/metadata"  # the sidecar file, relative to step_<N>/
+_PREFIX = "step"
 _STEP_RE = re.compile(r"^step_(\d+)$")
-_TMP_RE = re.compile(r"^\.tmp-step_(\d+)\.([A-Za-z0-9_-]+)\.(\d+)\.([0-9a-f]+)$")
-_DEL_RE = re.compile(r"^\.del-step_(\d+)\.([0-9a-f]+)$")
-
-
-# -------------------------------------------------------------------------------------------
-# Layout and steps
-# -------------------------------------------------------------------------------------------
+_TMP_RE = re.compile(r"^step_(\d+)\.orbax-checkpoint-tmp")
 
 
 def _local_dir(directory: str | os.PathLike) -> Path:
-    """``directory`` as a local path; URLs (``gs://``...) are refused: the commit relies on
-    an atomic directory rename, which object stores do not offer."""
-    text = os.fspath(directory)
+    """``directory`` as an absolute local path. URLs (``gs://``...) are refused: Orbax could
+    write them, but this module lists, describes and checks steps with local file reads."""
+    try:
+        text = os.fspath(directory)
+    except TypeError:
+        raise CheckpointError(f"checkpoint directory: expected a path (str or os.PathLike), "
+                              f"got {type(directory).__name__}.") from None
     if isinstance(text, bytes):
         text = os.fsdecode(text)
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):
         raise CheckpointError(
             f"checkpoint directory {text!r}: only local or POSIX-mounted filesystems are "
-            "supported (the commit is an atomic directory rename)."
+            "supported (see the README's Checkpoints section for remote paths)."
         )
-    return Path(text)
+    return Path(os.path.abspath(text))
 
 
 def _step_dir(directory: Path, step: int) -> Path:
-    return directory / f"step_{step}"
+    return directory / f"{_PREFIX}_{step}"
 
 
 def _check_step(step: Any) -> int:
@@ -66,22 +63,37 @@ def _check_step(step: Any) -> int:
     return value
 
 
-def all_steps(directory: str | os.PathLike) -> list[int]:
-    """The steps of the complete checkpoints in ``directory``, in increasing order.
+def _os_error(where: str, error: OSError) -> CheckpointError:
+    """An OS error (read-only filesystem, a file in the way, a symlink loop, a name too long,
+    permissions...) as a :class:`CheckpointError` saying what failed and where."""
+    name = f" ({error.filename!s})" if getattr(error, "filename", None) else ""
+    reason = error.strerror or _summary(error)
+    return CheckpointError(f"{where}: {reason}{name}.")
 
-    A checkpoint is complete once its ``step_<N>`` directory exists with its sidecar; saves in
-    progress (or killed) live in hidden temporary directories and are not listed. A missing
-    ``directory`` has no steps.
-    """
-    root = _local_dir(directory)
+
+def _scan(root: Path) -> list[os.DirEntry]:
     try:
-        entries = list(os.scandir(root))
+        return list(os.scandir(root))
     except FileNotFoundError:
         return []
     except NotADirectoryError:
         raise CheckpointError(f"checkpoint directory {str(root)!r} is not a directory.") from None
+    except OSError as e:
+        raise _os_error(f"checkpoint directory {str(root)!r}", e) from None
+
+
+def all_steps(directory: str | os.PathLike) -> list[int]:
+    """The steps of the complete checkpoints in ``directory``, in increasing order.
+
+    A checkpoint is complete once Orbax has committed its ``step_<N>`` directory (every
+    process's shards and the sidecar written, then renamed into place). Saves in progress or
+    killed live in ``step_<N>.orbax-checkpoint-tmp-*`` directories and are not listed. A
+    missing ``directory`` has no steps. Reading only: safe to call from any process, at any
+    time, also while another job saves.
+    """
+    root = _local_dir(directory)
     steps = []
-    for entry in entries:
+    for entry in _scan(root):
         match = _STEP_RE.match(entry.name)
         if match and entry.is_dir() and os.path.isfile(os.path.join(entry.path, _SIDECAR)):
             steps.append(int(match.group(1)))
@@ -96,13 +108,21 @@ def latest_step(directory: str | os.PathLike) -> int | None:
 
 
 def incomplete_saves(directory: str | os.PathLike) -> list[str]:
-    """Names of the hidden temporary directories in ``directory`` left by saves that are in
-    progress or were interrupted (they are never restored from)."""
-    try:
-        names = os.listdir(_local_dir(directory))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted(n for n in names if _TMP_RE.match(n) or _DEL_RE.match(n))
+    """Names of the temporary directories in ``directory`` of saves that are in progress or
+    were interrupted (they are never restored from, and never removed by optstate)."""
+    return sorted(e.name for e in _scan(_local_dir(directory)) if _TMP_RE.match(e.name))
+
+
+def _legacy(directory: Path, step: int | None) -> str:
+    """A hint when ``directory`` holds checkpoints of format version 1 (optstate before the
+    move to Orbax's CheckpointManager: ``step_<N>/optstate.json`` beside ``arrays/``)."""
+    names = [f"{_PREFIX}_{step}"] if step is not None else \
+        [e.name for e in _scan(directory) if _STEP_RE.match(e.name)]
+    if any(os.path.isfile(directory / name / "optstate.json") for name in names):
+        return (" It holds checkpoints of format version 1 (step_<N>/optstate.json), which this "
+                "optstate does not read: restore them with the optstate version that wrote "
+                "them and save them again.")
+    return ""
 
 
 def _resolve_step(directory: Path, step: int | None) -> int:
@@ -112,90 +132,13 @@ def _resolve_step(directory: Path, step: int | None) -> int:
         if not steps:
             raise CheckpointError(
                 f"no complete checkpoint in {str(directory)!r} (expected step_<N> directories "
-                f"holding {_SIDECAR})."
+                f"holding {_SIDECAR})." + _legacy(directory, None)
             )
         return steps[-1]
     step = _check_step(step)
     if step not in steps:
         raise CheckpointError(
             f"no complete checkpoint for step {step} in {str(directory)!r}; "
-            f"steps present: {steps if steps else 'none'}."
+            f"steps present: {steps if steps else 'none'}." + _legacy(directory, step)
         )
     return step
-
-
-# -------------------------------------------------------------------------------------------
-# Temporary directories, durability, clean-up
-# -------------------------------------------------------------------------------------------
-
-
-def _host_tag() -> str:
-    """This host's name as it appears in temporary directory names (only ``[A-Za-z0-9_-]``)."""
-    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64] or "host"
-
-
-def _make_tmp_dir(directory: Path, step: int) -> Path:
-    """Creates the hidden directory a save of ``step`` writes into. Its name records the host
-    and process, so that :func:`_remove_leftovers` can tell whether its writer is gone."""
-    tmp = directory / f".tmp-step_{step}.{_host_tag()}.{os.getpid()}.{secrets.token_hex(6)}"
-    tmp.mkdir()
-    return tmp
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    # Best effort: some filesystems cannot open or fsync a directory.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_leftovers(directory: Path) -> None:
-    """Removes temporary directories of saves by dead processes on this host, and directories
-    whose deletion (``keep=``) was interrupted. Never touches ``step_<N>`` directories."""
-    host = _host_tag()
-    for name in incomplete_saves(directory):
-        tmp = _TMP_RE.match(name)
-        if tmp and (tmp.group(2) != host or int(tmp.group(3)) == os.getpid()
-                    or _pid_alive(int(tmp.group(3)))):
-            continue
-        shutil.rmtree(directory / name, ignore_errors=True)
-
-
-def _prune(directory: Path, keep: int) -> None:
-    """Removes all but the ``keep`` highest complete steps."""
-    steps = all_steps(directory)
-    for step in steps[: max(0, len(steps) - keep)]:
-        doomed = directory / f".del-step_{step}.{secrets.token_hex(4)}"
-        try:
-            os.rename(_step_dir(directory, step), doomed)  # invisible first, then removed
-        except OSError:
-            continue
-        shutil.rmtree(doomed, ignore_errors=True)

@@ -3,9 +3,10 @@
 The target's tree (paths, shapes, dtypes, PRNG key types, quantization formats) is first
 compared with the sidecar's description (:func:`_check_target`). Each leaf's sharding is then
 made concrete (:func:`_placement`: an abstract mesh from ``jax.eval_shape`` is laid out on the
-current or a new mesh), Orbax reads only the slices each device needs, and every array is
-checked against its recorded checksum and turned back into the saved dtype, key type and weak
-type.
+current or a new mesh), Orbax reads only the slices each device needs, every array's checksum is
+recomputed on its devices and compared with the sidecar's, and each is turned back into the
+saved dtype, key type and weak type. :func:`verify` does the same for a whole checkpoint on
+one device, for ``optstate inspect --verify``.
 """
 
 from __future__ import annotations
@@ -18,18 +19,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from optstate._core.types import PyTree
-from optstate.checkpoint._orbax import _restore_arrays
+from optstate.checkpoint._orbax import (
+    _bounded,
+    _peer_hint,
+    _reader,
+    _restore_arrays,
+    _timeout,
+)
 from optstate.checkpoint.encoding import (
     _decode_bits,
-    _host_copy,
     _leaf_meta,
     _quantized_groups,
-    _sha256,
     _with_weak_type,
 )
-from optstate.checkpoint.errors import CheckpointError, _show
-from optstate.checkpoint.files import _ARRAYS, _local_dir, _resolve_step, _step_dir
-from optstate.checkpoint.saving import _join_pending
+from optstate.checkpoint.errors import CheckpointError, _show, _summary
+from optstate.checkpoint.files import _local_dir, _os_error, _resolve_step
+from optstate.checkpoint.integrity import checksums
+from optstate.checkpoint.saving import wait_until_finished
 from optstate.checkpoint.sidecar import _read_sidecar
 
 
@@ -126,14 +132,73 @@ def _placement(leaf: Any, here: str) -> jax.sharding.Sharding | None:
     )
 
 
+def _stored_struct(entry: dict, sharding: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(entry.get("stored_shape", entry["shape"])),
+                                jnp.dtype(entry.get("stored_dtype", entry["dtype"])),
+                                sharding=sharding)
+
+
+def _empty(struct: jax.ShapeDtypeStruct) -> jax.Array:
+    make = jax.jit(lambda: jnp.zeros(struct.shape, struct.dtype), out_shardings=struct.sharding)
+    return make()
+
+
+def _read_checked(root, step: int, where: str, saved: dict, shardings: list, verify: bool,
+                  bound: float) -> list[jax.Array]:
+    """The stored arrays of every leaf (empty ones made up), laid out with ``shardings``,
+    checked against their recorded shapes, dtypes and (if ``verify``) checksums. Collective."""
+    entries = saved["leaves"]
+    structs = [_stored_struct(e, s) for e, s in zip(entries, shardings)]
+    abstract = {f"leaf_{i:05d}": st for i, (e, st) in enumerate(zip(entries, structs))
+                if not e.get("empty")}
+
+    def collective() -> list[jax.Array]:
+        restored = {}
+        if abstract:
+            restored = _restore_arrays(_reader(root, bound), step, where, saved, abstract)
+        out = []
+        for index, (entry, struct) in enumerate(zip(entries, structs)):
+            here = f"{where}, leaf {_show(entry['path'])}"
+            x = _empty(struct) if entry.get("empty") else restored.get(f"leaf_{index:05d}")
+            if x is None:
+                raise CheckpointError(f"{here}: the array store has no entry for this leaf.")
+            if tuple(x.shape) != struct.shape or x.dtype != struct.dtype:
+                raise CheckpointError(
+                    f"{here}: read an array of shape {tuple(x.shape)} and dtype {x.dtype}; "
+                    f"expected {struct.shape} and {struct.dtype}.")
+            out.append(x)
+        if verify:
+            for entry, x, digest in zip(entries, out, checksums(out)):
+                if digest != entry["checksum"]:
+                    raise CheckpointError(
+                        f"{where}, leaf {_show(entry['path'])}: checksum mismatch: saved "
+                        f"{entry['checksum']}, the stored data gives {digest} (the checkpoint "
+                        "files are damaged).")
+        return out
+
+    try:
+        return _bounded(collective, bound, where, "the restore")
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise _os_error(f"{where}: reading failed", e) from None
+    except Exception as e:
+        raise CheckpointError(f"{where}: reading failed ({_summary(e)}).{_peer_hint()}") \
+            from None
+
+
 def restore(
     directory: str | os.PathLike,
     step: int | None = None,
     *,
     target: PyTree,
     verify: bool = True,
+    timeout: float | None = None,
 ) -> PyTree:
     """Restores checkpoint ``step`` (default: the latest complete one) into ``target``'s layout.
+
+    Collective: in a multi-process run every process calls it with the same target (leaves
+    with shardings over the global mesh); each process reads only the slices its devices need.
 
     Args:
       directory: the checkpoint directory.
@@ -142,8 +207,10 @@ def restore(
         ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``) or arrays. A leaf's
         ``sharding``, if any, places the restored array (another mesh or device count
         reshards); leaves without one go to the first local device.
-      verify: recompute every array's SHA-256 and compare it with the one recorded at save
-        (default True; turning it off saves one host copy of the state).
+      verify: recompute every array's checksum on its devices and compare it with the one
+        recorded at save (default True).
+      timeout: in a multi-process run, the bound in seconds on the collective restore
+        (default ``$OPTSTATE_CHECKPOINT_TIMEOUT`` or 60).
 
     Example:
       >>> import tempfile
@@ -167,10 +234,11 @@ def restore(
       CheckpointError: no such step; the sidecar is unreadable or from an unsupported format
         version; the target's paths, shapes, dtypes or quantization formats differ (naming the
         first differing leaf); an array file is damaged or truncated, or a checksum differs
-        (naming the step and the leaf); a weakly typed leaf cannot be made weakly typed on
-        this JAX version (naming the leaf).
+        (naming the step and the leaf); a peer process did not answer in time; a weakly typed
+        leaf cannot be made weakly typed on this JAX version (naming the leaf).
     """
-    _join_pending()
+    bound = _timeout(timeout)
+    wait_until_finished(timeout=bound)
     root = _local_dir(directory)
     step = _resolve_step(root, step)
     where = f"checkpoint {str(root)!r}, step {step}"
@@ -178,53 +246,40 @@ def restore(
     flat = _check_target(where, saved, target)
     treedef = jax.tree.structure(target)
 
-    placements = [_placement(leaf, f"{where}, leaf {_show(entry['path'])}")
-                  for (_, leaf), entry in zip(flat, saved["leaves"])]
-    abstract: dict[str, jax.ShapeDtypeStruct] = {}
-    for index, entry in enumerate(saved["leaves"]):
-        if entry.get("empty"):
-            continue
-        sharding = placements[index]
-        if sharding is None or "key_impl" in entry:
-            sharding = _default_sharding()  # key data is placed after wrapping
-        stored_shape = tuple(entry.get("stored_shape", entry["shape"]))
-        stored_dtype = jnp.dtype(entry.get("stored_dtype", entry["dtype"]))
-        abstract[f"leaf_{index:05d}"] = jax.ShapeDtypeStruct(stored_shape, stored_dtype,
-                                                             sharding=sharding)
-    restored = _restore_arrays(where, _step_dir(root, step) / _ARRAYS, saved, abstract) \
-        if abstract else {}
+    shardings = []
+    for (_, leaf), entry in zip(flat, saved["leaves"]):
+        sharding = _placement(leaf, f"{where}, leaf {_show(entry['path'])}")
+        shardings.append(sharding if sharding is not None else _default_sharding())
+    stored = _read_checked(root, step, where, saved, shardings, verify, bound)
 
     out = []
-    for index, ((_, leaf), entry) in enumerate(zip(flat, saved["leaves"])):
-        here = f"{where}, leaf {_show(entry['path'])}"
-        stored_dtype = jnp.dtype(entry.get("stored_dtype", entry["dtype"]))
-        if entry.get("empty"):
-            x = jnp.zeros(tuple(entry.get("stored_shape", entry["shape"])), stored_dtype)
-        else:
-            x = restored.get(f"leaf_{index:05d}")
-            if x is None:
-                raise CheckpointError(f"{here}: the array store has no entry for this leaf.")
-        if tuple(x.shape) != tuple(entry.get("stored_shape", entry["shape"])) or \
-                x.dtype != stored_dtype:
-            raise CheckpointError(
-                f"{here}: read an array of shape {tuple(x.shape)} and dtype {x.dtype}; expected "
-                f"{tuple(entry.get('stored_shape', entry['shape']))} and {stored_dtype}."
-            )
-        if verify:
-            digest = _sha256(_host_copy(x, here))
-            if digest != entry["sha256"]:
-                raise CheckpointError(
-                    f"{here}: checksum mismatch: saved sha256 {entry['sha256'][:16]}..., the "
-                    f"stored data hashes to {digest[:16]}... (the checkpoint files are damaged)."
-                )
+    for x, entry in zip(stored, saved["leaves"]):
         if entry.get("encoding") == "bits":
             x = _decode_bits(x, entry["dtype"])
-        sharding = placements[index]
         if "key_impl" in entry:
             x = jax.random.wrap_key_data(x, impl=entry["key_impl"])
-        if entry.get("empty") or "key_impl" in entry:
-            x = jax.device_put(x, sharding if sharding is not None else _default_sharding())
         if entry.get("weak_type", False) and not x.weak_type:
-            x = _with_weak_type(x, here)
+            x = _with_weak_type(x, f"{where}, leaf {_show(entry['path'])}")
         out.append(x)
     return jax.tree.unflatten(treedef, out)
+
+
+def verify(directory: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """Reads every array of checkpoint ``step`` (default: the latest) onto this process's
+    first device and compares its checksum with the sidecar's. One process only (an offline
+    check, e.g. ``optstate inspect DIR --verify``); needs the memory of the whole state.
+
+    Returns:
+      The checkpoint's description (as :func:`describe`), once every leaf checks out.
+
+    Raises:
+      CheckpointError: the sidecar or an array cannot be read, or a checksum differs (naming
+        the step and the leaf).
+    """
+    root = _local_dir(directory)
+    step = _resolve_step(root, step)
+    saved = _read_sidecar(root, step)
+    where = f"checkpoint {str(root)!r}, step {step}"
+    shardings = [_default_sharding()] * len(saved["leaves"])
+    _read_checked(root, step, where, saved, shardings, True, _timeout(None))
+    return saved

@@ -1,21 +1,16 @@
-"""Saving: :func:`save`, its asynchronous form, and :func:`wait_until_finished`.
+"""Saving: :func:`save` (synchronous or asynchronous) and :func:`wait_until_finished`.
 
-A save flattens the state into stored arrays plus their descriptions (:func:`_prepare`, which
-also copies every array to host memory and hashes it), hands the arrays to Orbax, and commits
-with :func:`_finalize`: wait for Orbax, write the sealed sidecar, fsync everything, rename the
-temporary directory into place, then prune old steps. An asynchronous save runs the commit in a
-background thread; at most one is in flight (``_pending``), and the next save or restore, or
-:func:`wait_until_finished`, or interpreter exit waits for it and surfaces its error.
+A save flattens the state into stored arrays plus their descriptions (:func:`_prepare`),
+computes every stored array's checksum on its devices (:mod:`~optstate.checkpoint.integrity`),
+and hands the arrays (item ``state``) and the sealed sidecar (item ``optstate``) to the
+directory's Orbax ``CheckpointManager``, which writes each process's shards, commits the step
+atomically and applies ``keep=``.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import shutil
-import sys
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,48 +20,49 @@ import jax.numpy as jnp
 import numpy as np
 
 from optstate._core.types import PyTree
-from optstate.checkpoint._orbax import _checkpointer, _QuietOrbax
+from optstate.checkpoint._orbax import (
+    _bounded,
+    _manager,
+    _peer_hint,
+    _pending_managers,
+    _save,
+    _timeout,
+)
 from optstate.checkpoint.encoding import (
     _encode_bits,
     _format_name,
-    _host_copy,
     _leaf_meta,
     _quantized_groups,
-    _sha256,
     _sharding_note,
     _storage_dtype,
 )
 from optstate.checkpoint.errors import CheckpointError, _show, _summary
 from optstate.checkpoint.files import (
-    _ARRAYS,
-    _SIDECAR,
     _check_step,
-    _fsync_dir,
-    _fsync_tree,
     _local_dir,
-    _make_tmp_dir,
-    _prune,
-    _remove_leftovers,
+    _os_error,
     _step_dir,
+    all_steps,
 )
+from optstate.checkpoint.integrity import checksums
 from optstate.checkpoint.sidecar import _build_sidecar, _seal
 
 
-class _Pending:
-    """An asynchronous save in flight: its commit thread and, once done, its error."""
-
-    def __init__(self, directory: Path, step: int):
-        self.directory, self.step = directory, step
-        self.thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-
-
-_pending_lock = threading.Lock()
-_pending: _Pending | None = None
+def _global(x: jax.Array) -> jax.Array:
+    """In a multi-process run, a process-local array (a NumPy leaf, a Python number, an array
+    on this process's devices only) as the same value replicated over all devices, so that
+    Orbax stores one copy of it; other arrays unchanged."""
+    if jax.process_count() == 1 or not x.is_fully_addressable:
+        return x
+    host = np.asarray(x)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def _prepare(state: PyTree, where: str) -> tuple[dict[str, jax.Array], list[dict], list[dict]]:
-    """Flattens ``state`` into Orbax's flat dict of stored arrays plus the leaf descriptions."""
+    """Flattens ``state`` into Orbax's flat dict of stored arrays plus the leaf descriptions
+    (checksums not yet filled in)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(state)
     arrays: dict[str, jax.Array] = {}
     leaves: list[dict[str, Any]] = []
@@ -82,12 +78,14 @@ def _prepare(state: PyTree, where: str) -> tuple[dict[str, jax.Array], list[dict
             )
         try:
             x = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
+            if isinstance(x, jax.Array) and x.is_deleted():
+                raise RuntimeError("the array has been deleted (donated?)")
             shape, dtype_name, weak_type, key_impl = _leaf_meta(x)
             stored = jax.random.key_data(x) if key_impl is not None else x
             encoding = None
             if key_impl is None and _storage_dtype(dtype_name) is not None:
                 stored, encoding = _encode_bits(stored), "bits"
-            host = _host_copy(stored, here)
+            stored = _global(stored)
         except CheckpointError:
             raise
         except Exception as e:  # e.g. a deleted (donated) buffer
@@ -97,8 +95,7 @@ def _prepare(state: PyTree, where: str) -> tuple[dict[str, jax.Array], list[dict
             "shape": list(shape),
             "dtype": dtype_name,
             "format": _format_name(dtype_name),
-            "nbytes": int(host.nbytes),
-            "sha256": _sha256(host),
+            "nbytes": int(stored.size * stored.dtype.itemsize),
         }
         if weak_type:
             entry["weak_type"] = True
@@ -106,87 +103,69 @@ def _prepare(state: PyTree, where: str) -> tuple[dict[str, jax.Array], list[dict
             entry["key_impl"] = key_impl
             entry["format"] = f"key({key_impl})"
         if encoding is not None or key_impl is not None:
-            entry["stored_shape"] = list(host.shape)
-            entry["stored_dtype"] = str(host.dtype)
+            entry["stored_shape"] = list(stored.shape)
+            entry["stored_dtype"] = str(stored.dtype)
             if encoding is not None:
                 entry["encoding"] = encoding
         note = _sharding_note(leaf)
         if note is not None:
             entry["sharding"] = note
-        if host.size == 0:
+        if stored.size == 0:
             entry["empty"] = True  # Orbax cannot store empty arrays; shape and dtype suffice
+            entry["checksum"] = "0" * 16
         else:
             arrays[f"leaf_{index:05d}"] = stored
         leaves.append(entry)
     return arrays, leaves, _quantized_groups(state)
 
 
-def _finalize(tmp: Path, final: Path, sidecar: dict, has_arrays: bool, keep: int | None,
-              where: str) -> None:
-    """Commits the save written into ``tmp`` as ``final`` (or removes ``tmp`` on failure)."""
+def _clean_metadata(metadata: Any, where: str) -> dict[str, Any]:
+    """``metadata`` as the JSON object it will read back as, or a :class:`CheckpointError`."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise CheckpointError(f"{where}: metadata must be a mapping (a dict of JSON values), "
+                              f"got {type(metadata).__name__}.")
+
+    def check_keys(value: Any, path: str) -> None:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise CheckpointError(
+                        f"{where}: metadata keys must be strings (JSON would turn {key!r} into "
+                        f"{json.dumps(str(key))} silently); got {type(key).__name__} key "
+                        f"{key!r} at metadata{path}.")
+                check_keys(item, f"{path}[{key!r}]")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                check_keys(item, f"{path}[{i}]")
+
+    check_keys(metadata, "")
     try:
-        if has_arrays:
-            with _QuietOrbax():
-                try:
-                    _checkpointer().wait_until_finished()
-                except Exception as e:
-                    raise CheckpointError(f"{where}: writing the arrays failed ({_summary(e)}).") \
-                        from None
-            if not (tmp / _ARRAYS).is_dir():
-                raise CheckpointError(f"{where}: Orbax did not produce {tmp / _ARRAYS}.")
-        with open(tmp / _SIDECAR, "w", encoding="utf-8") as f:
-            json.dump(_seal(sidecar), f, indent=1)
-            f.write("\n")
-        _fsync_tree(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError as e:
-            raise CheckpointError(
-                f"{where}: cannot commit the checkpoint ({e.strerror}); "
-                f"{str(final)!r} may already exist."
-            ) from None
-        _fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if keep is not None:
-        _prune(final.parent, keep)
+        return json.loads(json.dumps(dict(metadata), allow_nan=True))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: metadata must be JSON-serializable ({e}).") from None
 
 
-def _join_pending() -> _Pending | None:
-    """Waits for the asynchronous save in flight, if any, and returns it (no longer pending)."""
-    global _pending
-    with _pending_lock:
-        pending, _pending = _pending, None
-    if pending is not None and pending.thread is not None:
-        pending.thread.join()
-    return pending
+def wait_until_finished(*, timeout: float | None = None) -> None:
+    """Blocks until every asynchronous save of this process is committed.
 
-
-def wait_until_finished() -> None:
-    """Blocks until the asynchronous save in flight (if any) is committed.
+    Collective in a multi-process run (every process calls it).
 
     Raises:
-      CheckpointError: the save failed (nothing was committed for its step; earlier
-        checkpoints are untouched).
+      CheckpointError: a save failed or a peer process did not finish within ``timeout``
+        (nothing was committed for its step; earlier checkpoints are untouched).
     """
-    pending = _join_pending()
-    if pending is not None and pending.error is not None:
-        error = pending.error
-        if isinstance(error, CheckpointError):
-            raise CheckpointError(str(error)) from None
-        raise CheckpointError(
-            f"asynchronous save of step {pending.step} to {str(pending.directory)!r} failed "
-            f"({_summary(error)})."
-        ) from None
-
-
-@atexit.register
-def _report_at_exit() -> None:  # pragma: no cover - exercised at interpreter exit
-    try:
-        wait_until_finished()
-    except CheckpointError as e:
-        print(f"optstate.checkpoint: {e}", file=sys.stderr)
+    bound = _timeout(timeout)
+    for root, manager in _pending_managers():
+        try:
+            _bounded(manager.wait_until_finished, bound, f"checkpoint {str(root)!r}",
+                     "committing the asynchronous save")
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"asynchronous save to {str(root)!r} failed "
+                                  f"({_summary(e)}).{_peer_hint()}") from None
 
 
 def save(
@@ -197,26 +176,33 @@ def save(
     metadata: Mapping[str, Any] | None = None,
     keep: int | None = None,
     asynchronous: bool = False,
+    timeout: float | None = None,
 ) -> Path:
-    """Saves ``state`` as the checkpoint ``directory/step_<step>``.
+    """Saves ``state`` as the checkpoint ``directory/step_<step>``, with Orbax.
 
-    The write goes to a temporary directory that is renamed into place only once arrays and
-    sidecar are complete and fsync'ed, so the checkpoint becomes visible to
-    :func:`latest_step` atomically, and a crash at any point leaves earlier checkpoints intact.
+    Collective: in a multi-process (``jax.distributed``) run every process calls it with the
+    same arguments and its part of the same global arrays; each process writes only its own
+    shards and the primary host (process 0) writes the sidecar and commits the step. The
+    checkpoint becomes visible to :func:`latest_step` atomically, once complete; a crash at
+    any point leaves earlier checkpoints intact.
 
     Args:
       directory: the checkpoint directory (created if missing; local or POSIX filesystem).
-      step: a non-negative integer; a step that already exists is never overwritten.
+      step: a non-negative integer above every step already in ``directory``: an existing
+        step is never overwritten, and a lower one (e.g. a new run beside an old one) is
+        refused, so that ``keep=`` can never delete the step just written.
       state: any pytree of arrays (``jax.Array``, sharded or not, numpy arrays, Python
         numbers, typed PRNG keys, quantized state), e.g. ``{"params": p, "opt": opt_state}``.
-      metadata: a JSON-serializable mapping stored with the checkpoint (read it back with
-        :func:`read_metadata`); JSON turns tuples into lists.
+      metadata: a mapping with string keys and JSON values stored with the checkpoint (read it
+        back with :func:`read_metadata`); JSON turns tuples into lists.
       keep: if given, keep only the ``keep`` highest steps, removing older complete
-        checkpoints after this one is committed.
-      asynchronous: if True, return as soon as the arrays are copied to host memory and their
-        checksums computed; the write and commit go on in the background (one at a time). Call
-        :func:`wait_until_finished` to wait for it and to surface its errors; the next ``save``
-        or ``restore`` waits for it too.
+        checkpoints once this one is committed (never this one).
+      asynchronous: if True, return once the arrays are copied to host memory; Orbax writes
+        and commits in the background. Call :func:`wait_until_finished` to wait and to surface
+        errors; the next ``save`` or ``restore`` waits too. Call it before the process exits.
+      timeout: in a multi-process run, the bound in seconds on each collective part of the
+        save (default ``$OPTSTATE_CHECKPOINT_TIMEOUT`` or 60): if another process died, this
+        one raises :class:`CheckpointError` after that time instead of hanging.
 
     Example:
       >>> import tempfile
@@ -234,58 +220,60 @@ def save(
       The final path ``directory/step_<step>`` (it exists once the save is committed).
 
     Raises:
-      CheckpointError: the step exists or is invalid, a leaf is not an array, metadata is not
-        JSON-serializable, or writing failed — naming the step and, where it applies, the leaf.
+      CheckpointError: the step exists, is below the latest or is invalid; a leaf is not an
+        array; metadata is not a mapping of JSON values; the directory cannot be written
+        (read-only, a file in the way, a symlink loop, a name too long...); writing failed or
+        a peer process did not answer in time — naming the step and, where it applies, the
+        leaf.
     """
-    wait_until_finished()
+    bound = _timeout(timeout)
+    wait_until_finished(timeout=bound)
     root = _local_dir(directory)
     step = _check_step(step)
     where = f"checkpoint {str(root)!r}, step {step}"
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
         raise CheckpointError(f"{where}: keep must be a positive integer or None, got {keep!r}.")
-    if jax.process_count() > 1:
-        raise CheckpointError(
-            f"{where}: multi-process runs (jax.process_count() = {jax.process_count()}) are not "
-            "supported by optstate.checkpoint yet."
-        )
-    final = _step_dir(root, step)
-    if final.exists():
-        raise CheckpointError(f"{where}: {str(final)!r} already exists; checkpoints are never "
-                              "overwritten (choose another step or remove it yourself).")
+    metadata_json = _clean_metadata(metadata, where)
     try:
-        metadata_json = json.loads(json.dumps(dict(metadata or {})))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: metadata must be JSON-serializable ({e}).") from None
+        root.mkdir(parents=True, exist_ok=True)
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PermissionError(13, "the directory is not writable", str(root))
+    except FileExistsError:
+        what = ("is a symbolic link that does not resolve (a loop or a dangling link)"
+                if os.path.islink(root) and not os.path.exists(root)
+                else "exists and is not a directory")
+        raise CheckpointError(f"{where}: {str(root)!r} {what}.") from None
+    except OSError as e:
+        raise _os_error(f"{where}: cannot create or write the checkpoint directory", e) from None
+    steps = all_steps(root)
+    if step in steps or _step_dir(root, step).exists():
+        raise CheckpointError(f"{where}: {str(_step_dir(root, step))!r} already exists; "
+                              "checkpoints are never overwritten (choose another step or "
+                              "remove it yourself).")
+    if steps and step < steps[-1]:
+        raise CheckpointError(
+            f"{where}: the directory already holds step {steps[-1]}, above {step}; steps of "
+            "one directory must increase (keep= removes the lowest steps, so it would delete "
+            "this one). Save a new run into a new directory, or remove the higher steps.")
 
     arrays, leaves, groups = _prepare(state, where)
-    sidecar = _build_sidecar(step, state, leaves, groups, metadata_json)
 
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(root)
-    tmp = _make_tmp_dir(root, step)
+    def collective() -> None:
+        sums = iter(checksums(list(arrays.values())))
+        for entry in leaves:
+            if "checksum" not in entry:
+                entry["checksum"] = next(sums)
+        sidecar = _seal(_build_sidecar(step, state, leaves, groups, metadata_json))
+        manager = _manager(root, keep, bool(asynchronous), bound)
+        _save(manager, step, arrays, sidecar)
+
     try:
-        if arrays:
-            with _QuietOrbax():
-                _checkpointer().save(os.path.abspath(tmp / _ARRAYS), arrays)
+        _bounded(collective, bound, where, "the save")
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise _os_error(f"{where}: writing failed", e) from None
     except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{where}: writing the arrays failed ({_summary(e)}).") from None
-
-    if not asynchronous:
-        _finalize(tmp, final, sidecar, bool(arrays), keep, where)
-        return final
-
-    global _pending
-    pending = _Pending(root, step)
-
-    def run() -> None:
-        try:
-            _finalize(tmp, final, sidecar, bool(arrays), keep, where)
-        except BaseException as e:  # surfaced by wait_until_finished
-            pending.error = e
-
-    pending.thread = threading.Thread(target=run, name=f"optstate-save-step-{step}")
-    with _pending_lock:
-        _pending = pending
-    pending.thread.start()
-    return final
+        raise CheckpointError(f"{where}: writing failed ({_summary(e)}).{_peer_hint()}") \
+            from None
+    return _step_dir(root, step)

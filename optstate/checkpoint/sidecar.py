@@ -1,9 +1,11 @@
-"""The sidecar ``optstate.json``: what a checkpoint holds, described in JSON next to its arrays.
+"""The sidecar: what a checkpoint holds, described in JSON next to its arrays.
 
-It records the versions that wrote it (optstate, JAX and :data:`FORMAT_VERSION`), the tree
-(per leaf path: shape, dtype, storage encoding, byte count and SHA-256), the quantized leaves,
-and the user's metadata. It is sealed with a SHA-256 of its own canonical JSON, so an edited or
-damaged description is refused rather than trusted. Reading it checks format, seal, version and
+It is the ``optstate`` item of each Orbax checkpoint (``step_<N>/optstate/metadata``), written
+by the primary host. It records the versions that wrote it (optstate, JAX and
+:data:`FORMAT_VERSION`), the tree (per leaf path: shape, dtype, storage encoding, byte count and
+the sharding-independent checksum of :mod:`~optstate.checkpoint.integrity`), the quantized
+leaves, and the user's metadata. It is sealed with a SHA-256 of its own canonical JSON, so an
+edited or damaged description is refused rather than trusted. Reading it checks format, seal, version and
 schema, and brings an older format version up to date through ``_MIGRATIONS``. Only JSON is
 parsed here: restoring a checkpoint never unpickles anything.
 """
@@ -24,11 +26,12 @@ from optstate._core.types import PyTree
 from optstate._core.version import __version__
 from optstate.checkpoint.errors import CheckpointError, _summary
 from optstate.checkpoint.files import _SIDECAR, _local_dir, _resolve_step, _step_dir
+from optstate.checkpoint.integrity import ALGORITHM
 
 #: Version of the on-disk layout and sidecar schema written by this module. Restoring a
 #: checkpoint with an older version goes through the migrations in ``_MIGRATIONS``; a newer
 #: version, or an older one without a migration path, raises :class:`CheckpointError`.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 _FORMAT_NAME = "optstate.checkpoint"
 
@@ -64,7 +67,7 @@ def _build_sidecar(step: int, state: PyTree, leaves: list[dict], groups: list[di
         "jax_version": jax.__version__,
         "step": step,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "checksum": "sha256",
+        "checksum": ALGORITHM,
         "treedef": str(jax.tree.structure(state)),
         "leaves": leaves,
         "quantized": groups,
@@ -85,7 +88,7 @@ def _read_sidecar(directory: Path, step: int) -> dict:
     path = _step_dir(directory, step) / _SIDECAR
     try:
         sidecar = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{where}: cannot read {_SIDECAR} ({_summary(e)}).") from None
     if not isinstance(sidecar, dict) or sidecar.get("format") != _FORMAT_NAME:
         raise CheckpointError(f"{where}: {_SIDECAR} is not an optstate checkpoint description.")
@@ -145,11 +148,11 @@ def _check_schema(where: str, sidecar: dict) -> None:
         ok = (isinstance(entry, dict) and isinstance(entry.get("path"), str)
               and isinstance(entry.get("shape"), list)
               and all(isinstance(d, int) for d in entry["shape"])
-              and isinstance(entry.get("dtype"), str) and isinstance(entry.get("sha256"), str)
+              and isinstance(entry.get("dtype"), str) and isinstance(entry.get("checksum"), str)
               and isinstance(entry.get("nbytes"), int))
         if not ok:
             raise CheckpointError(f"{where}: {_SIDECAR} describes leaf #{index} incompletely "
-                                  f"(expected path, shape, dtype, nbytes, sha256): {entry!r}.")
+                                  f"(expected path, shape, dtype, nbytes, checksum): {entry!r}.")
     if not isinstance(sidecar.get("quantized", []), list) or \
             not isinstance(sidecar.get("metadata", {}), dict):
         raise CheckpointError(f"{where}: {_SIDECAR} has malformed quantized/metadata entries.")
@@ -157,7 +160,7 @@ def _check_schema(where: str, sidecar: dict) -> None:
 
 def describe(directory: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
     """The description of checkpoint ``step`` (default: the latest) as saved: versions,
-    creation time, per leaf ``path``/``shape``/``dtype``/``format``/``nbytes``/``sha256``,
+    creation time, per leaf ``path``/``shape``/``dtype``/``format``/``nbytes``/``checksum``,
     quantized leaves (``quantized``: path, fmt, logical shape and dtype, leaf indices),
     ``total_bytes`` and ``metadata``. Reads only the JSON sidecar (no arrays)."""
     root = _local_dir(directory)

@@ -1,13 +1,13 @@
-"""Worker for tests/test_checkpoint_crash.py: saves checkpoints in a loop until killed.
+"""Worker for tests/checkpoint/test_crash.py: saves checkpoints in a loop until killed.
 
 Usage: python _crash_worker.py DIR MODE, MODE one of
 
 * ``sync``: save steps 1, 2, ... (keep=3), printing ``committed N`` after each save returns;
 * ``async``: the same with asynchronous saves; ``committed N`` is printed once the save of
   step N + 1 has started (which waits for step N to be committed);
-* ``hang``: save steps 1 and 2, then for step 3 stop right before the atomic rename (arrays and
-  sidecar written and fsync'ed in the temporary directory), print ``about to commit 3`` and
-  sleep until killed.
+* ``hang``: save steps 1 and 2, then for step 3 stop right before Orbax's atomic rename (arrays
+  and sidecar written in the temporary directory), print ``about to commit 3`` and sleep until
+  killed.
 
 The state of step N is :func:`make_state` (N), so the parent can check restored values.
 """
@@ -38,18 +38,20 @@ def make_state(step: int):
 
 def main(directory: str, mode: str) -> None:
     from optstate import checkpoint
-    from optstate.checkpoint import saving
 
     if mode == "hang":
-        real_rename = saving.os.rename
+        from orbax.checkpoint._src.path import atomicity
 
-        def rename(src, dst, *args, **kwargs):
-            if str(dst).endswith("step_3"):
+        real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+        async def finalize(self, *args, **kwargs):
+            if self.get_final().name == "step_3":
                 print("about to commit 3", flush=True)
                 time.sleep(3600)
-            return real_rename(src, dst, *args, **kwargs)
+            return await real_finalize(self, *args, **kwargs)
 
-        saving.os.rename = rename  # the commit's rename (os is shared: patched for all)
+        # Orbax's commit: the rename of the temporary directory into place
+        atomicity.AtomicRenameTemporaryPath.finalize = finalize
     step = 1
     while True:
         checkpoint.save(directory, step, make_state(step), keep=None if mode == "hang" else 3,

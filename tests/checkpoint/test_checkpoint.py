@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
 import sys
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -17,15 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import optstate
-from tests import helpers
 from optstate import checkpoint
-from optstate.checkpoint import CheckpointError, encoding, saving
-from optstate.checkpoint.files import _host_tag
+from optstate.checkpoint import CheckpointError, encoding
 from optstate.checkpoint.sidecar import _MIGRATIONS, _seal
-
+from tests import helpers
 
 # -------------------------------------------------------------------------------------------
 # helpers
@@ -113,7 +111,7 @@ def test_steps_listing_and_selection(tmp_path):
     assert checkpoint.latest_step(tmp_path / "missing") is None
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         checkpoint.restore(tmp_path / "missing", target={"x": jnp.zeros(2)})
-    for step in (3, 10, 7):
+    for step in (3, 7, 10):
         checkpoint.save(tmp_path, step, {"x": jnp.full((2,), step, jnp.int32)})
     (tmp_path / "step_99").mkdir()  # no sidecar: not a checkpoint
     (tmp_path / "notes").mkdir()
@@ -129,6 +127,18 @@ def test_steps_listing_and_selection(tmp_path):
             checkpoint.save(tmp_path, bad, {"x": jnp.zeros(2)})
     with pytest.raises(CheckpointError, match="only local or POSIX-mounted filesystems"):
         checkpoint.save("gs://bucket/run", 1, {"x": jnp.zeros(2)})
+
+
+def test_a_step_below_the_latest_is_refused_and_keep_never_deletes_the_new_step(tmp_path):
+    """A new run saving step 3 with keep=1 beside an old run's step 5 must not lose step 3
+    (today's rule: steps of one directory increase; a lower one is refused, loudly)."""
+    checkpoint.save(tmp_path, 5, {"x": jnp.zeros(2)})
+    with pytest.raises(CheckpointError, match=r"step 3: the directory already holds step 5, "
+                                              r"above 3; steps of one directory must increase"):
+        checkpoint.save(tmp_path, 3, {"x": jnp.ones(2)}, keep=1)
+    assert checkpoint.all_steps(tmp_path) == [5]
+    path = checkpoint.save(tmp_path, 6, {"x": jnp.ones(2)}, keep=1)
+    assert path.is_dir() and checkpoint.all_steps(tmp_path) == [6]
 
 
 def test_existing_step_is_never_overwritten(tmp_path):
@@ -149,6 +159,33 @@ def test_keep_removes_only_the_oldest_complete_steps(tmp_path):
         checkpoint.save(tmp_path, 6, {"x": jnp.zeros(2)}, keep=0)
 
 
+def test_filesystem_failures_are_checkpoint_errors_naming_the_path(tmp_path, monkeypatch):
+    state = {"x": jnp.zeros(2)}
+    (tmp_path / "file").write_text("not a directory")
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    cases = [
+        (tmp_path / "file", r"step 1: .*file' exists and is not a directory"),
+        (tmp_path / "file" / "sub", r"step 1: cannot create .*: Not a directory"),
+        (tmp_path / "loop", r"step 1: .*loop' is a symbolic link that does not resolve"),
+        (tmp_path / ("x" * 300), r"step 1: cannot create .*: File name too long"),
+    ]
+    for path, pattern in cases:
+        with pytest.raises(CheckpointError, match=pattern):
+            checkpoint.save(path, 1, state)
+    with pytest.raises(CheckpointError, match=r"loop': Too many levels of symbolic links"):
+        checkpoint.all_steps(tmp_path / "loop")
+    with pytest.raises(CheckpointError, match=r"file' is not a directory"):
+        checkpoint.latest_step(tmp_path / "file")
+
+    def read_only(self, *args, **kwargs):  # (tests run as root, for whom chmod is no barrier)
+        raise OSError(30, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(CheckpointError, match=r"step 1: cannot create or write the checkpoint "
+                                              r"directory: Read-only file system"):
+        checkpoint.save(tmp_path / "ro", 1, state)
+
+
 def test_metadata_round_trip_and_validation(tmp_path):
     meta = {"lr": 0.001, "run": "exp-1", "sizes": [1, 2], "nested": {"ok": True}}
     checkpoint.save(tmp_path, 2, {"x": jnp.zeros(1)}, metadata=meta)
@@ -156,6 +193,11 @@ def test_metadata_round_trip_and_validation(tmp_path):
     assert checkpoint.read_metadata(tmp_path, 2) == meta
     with pytest.raises(CheckpointError, match="step 3: metadata must be JSON-serializable"):
         checkpoint.save(tmp_path, 3, {"x": jnp.zeros(1)}, metadata={"bad": object()})
+    with pytest.raises(CheckpointError, match=r"step 3: metadata must be a mapping .*got list"):
+        checkpoint.save(tmp_path, 3, {"x": jnp.zeros(1)}, metadata=[1, 2])
+    with pytest.raises(CheckpointError, match=r"step 3: metadata keys must be strings .*int key "
+                                              r"1 at metadata\['outer'\]"):
+        checkpoint.save(tmp_path, 3, {"x": jnp.zeros(1)}, metadata={"outer": {1: "a"}})
     assert checkpoint.all_steps(tmp_path) == [2]
     assert checkpoint.incomplete_saves(tmp_path) == []
 
@@ -177,7 +219,7 @@ def test_deleted_buffer_is_reported_with_its_path(tmp_path):
 def test_sidecar_records_versions_and_tree_description(tmp_path):
     state = {"mu": jnp.zeros((4, 2), jnp.bfloat16), "count": jnp.zeros((), jnp.int32)}
     checkpoint.save(tmp_path, 5, state)
-    sidecar = json.loads((tmp_path / "step_5" / "optstate.json").read_text())
+    sidecar = json.loads((tmp_path / "step_5" / "optstate" / "metadata").read_text())
     assert sidecar["format_version"] == checkpoint.FORMAT_VERSION
     assert sidecar["optstate_version"] == optstate.__version__
     assert sidecar["step"] == 5
@@ -206,7 +248,7 @@ def _corruptible_state():
 def test_flipped_byte_in_the_array_data_names_step_and_leaf(tmp_path):
     state = _corruptible_state()
     checkpoint.save(tmp_path, 3, state)
-    files = [p for p in (tmp_path / "step_3" / "arrays").rglob("*") if p.is_file()]
+    files = [p for p in (tmp_path / "step_3" / "state").rglob("*") if p.is_file()]
     biggest = max(files, key=lambda p: p.stat().st_size)  # holds the random 24 kB leaf
     data = bytearray(biggest.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -223,7 +265,7 @@ def test_any_damaged_file_raises_or_restores_exact_values(tmp_path, damage):
     checkpoint.save(tmp_path / "orig", 3, state)
     files = sorted(p.relative_to(tmp_path / "orig")
                    for p in (tmp_path / "orig").rglob("*") if p.is_file())
-    assert any(f.name == "optstate.json" for f in files)
+    assert any(f.parts[-2:] == ("optstate", "metadata") for f in files)
     raised = 0
     for rel in files:
         copy = tmp_path / "copy"
@@ -250,11 +292,11 @@ def test_any_damaged_file_raises_or_restores_exact_values(tmp_path, damage):
 def test_tampered_checksum_and_missing_arrays(tmp_path):
     state = _corruptible_state()
     checkpoint.save(tmp_path, 4, state)
-    sidecar_path = tmp_path / "step_4" / "optstate.json"
+    sidecar_path = tmp_path / "step_4" / "optstate" / "metadata"
     sidecar = json.loads(sidecar_path.read_text())
-    sidecar["leaves"][2]["sha256"] = "0" * 64  # ['small']
+    sidecar["leaves"][2]["checksum"] = "0" * 16  # ['small']
     sidecar_path.write_text(json.dumps(sidecar))
-    with pytest.raises(CheckpointError, match=r"step 4: optstate.json does not match its own"):
+    with pytest.raises(CheckpointError, match=r"step 4: optstate/metadata does not match its"):
         checkpoint.restore(tmp_path, target=abstract(state))
     sidecar_path.write_text(json.dumps(_seal(sidecar)))  # a consistent forgery
     with pytest.raises(CheckpointError, match=r"step 4, leaf \['small'\]: checksum mismatch"):
@@ -262,11 +304,11 @@ def test_tampered_checksum_and_missing_arrays(tmp_path):
     # verify=False skips the comparison (and returns the stored values)
     got = checkpoint.restore(tmp_path, target=abstract(state), verify=False)
     assert_identical(got, state)
-    shutil.rmtree(tmp_path / "step_4" / "arrays")
+    shutil.rmtree(tmp_path / "step_4" / "state")
     with pytest.raises(CheckpointError, match=r"step 4"):
         checkpoint.restore(tmp_path, target=abstract(state))
     sidecar_path.write_text("{not json")
-    with pytest.raises(CheckpointError, match=r"step 4: cannot read optstate.json"):
+    with pytest.raises(CheckpointError, match=r"step 4: cannot read optstate/metadata"):
         checkpoint.restore(tmp_path, target=abstract(state))
 
 
@@ -332,7 +374,7 @@ def test_nothing_is_unpickled(tmp_path, monkeypatch):
 
 
 def _set_format_version(directory: Path, step: int, version: int, **extra) -> None:
-    path = directory / f"step_{step}" / "optstate.json"
+    path = directory / f"step_{step}" / "optstate" / "metadata"
     sidecar = json.loads(path.read_text())
     sidecar["format_version"] = version
     sidecar.update(extra)
@@ -354,34 +396,45 @@ def test_older_format_without_migration_fails_clearly(tmp_path):
 
 
 def test_older_format_is_migrated(tmp_path, monkeypatch):
-    """A fabricated version-0 sidecar (leaf key "checksums" instead of "sha256") is migrated."""
+    """A fabricated older sidecar (leaf key "checksums" instead of "checksum") is migrated."""
+    old_version = checkpoint.FORMAT_VERSION - 1
     state = {"x": jnp.arange(3.0), "n": jnp.asarray(4, jnp.int32)}
     checkpoint.save(tmp_path, 2, state)
-    path = tmp_path / "step_2" / "optstate.json"
+    path = tmp_path / "step_2" / "optstate" / "metadata"
     sidecar = json.loads(path.read_text())
     for leaf in sidecar["leaves"]:
-        leaf["checksums"] = {"sha256": leaf.pop("sha256")}
-    sidecar["format_version"] = 0
-    del sidecar["sidecar_sha256"]
-    path.write_text(json.dumps(sidecar))
+        leaf["checksums"] = {"mix": leaf.pop("checksum")}
+    sidecar["format_version"] = old_version
+    path.write_text(json.dumps(_seal(sidecar)))
 
-    def v0_to_v1(old):
-        new = dict(old, format_version=1)
+    def upgrade(old):
+        new = dict(old, format_version=old_version + 1)
         new["leaves"] = [
-            {k: v for k, v in dict(leaf, sha256=leaf["checksums"]["sha256"]).items()
+            {k: v for k, v in dict(leaf, checksum=leaf["checksums"]["mix"]).items()
              if k != "checksums"} for leaf in old["leaves"]
         ]
         return new
 
-    with pytest.raises(CheckpointError, match="no migration from version 0"):
+    with pytest.raises(CheckpointError, match=f"no migration from version {old_version}"):
         checkpoint.restore(tmp_path, target=abstract(state))
 
-    monkeypatch.setitem(_MIGRATIONS, 0, v0_to_v1)
+    monkeypatch.setitem(_MIGRATIONS, old_version, upgrade)
     assert_identical(checkpoint.restore(tmp_path, target=abstract(state)), state)
 
-    monkeypatch.setitem(_MIGRATIONS, 0, lambda old: dict(old))  # forgets the bump
-    with pytest.raises(CheckpointError, match="did not produce version 1"):
+    monkeypatch.setitem(_MIGRATIONS, old_version, lambda old: dict(old))  # forgets the bump
+    with pytest.raises(CheckpointError, match=f"did not produce version {old_version + 1}"):
         checkpoint.restore(tmp_path, target=abstract(state))
+
+
+def test_checkpoints_of_format_version_1_are_refused_clearly(tmp_path):
+    """Format 1 (before Orbax's CheckpointManager): step_<N>/optstate.json beside arrays/."""
+    (tmp_path / "step_4" / "arrays").mkdir(parents=True)
+    (tmp_path / "step_4" / "optstate.json").write_text('{"format_version": 1}')
+    assert checkpoint.all_steps(tmp_path) == []
+    for step in (None, 4):
+        with pytest.raises(CheckpointError, match=r"format version 1 .*restore them with the "
+                                                  r"optstate version that wrote them"):
+            checkpoint.restore(tmp_path, step, target={"x": jnp.zeros(2)})
 
 
 def test_newer_format_asks_for_an_upgrade(tmp_path):
@@ -395,12 +448,12 @@ def test_newer_format_asks_for_an_upgrade(tmp_path):
 def test_edited_or_renamed_checkpoint_is_detected(tmp_path):
     state = {"x": jnp.arange(3.0)}
     checkpoint.save(tmp_path, 1, state, metadata={"lr": 0.5})
-    path = tmp_path / "step_1" / "optstate.json"
+    path = tmp_path / "step_1" / "optstate" / "metadata"
     path.write_text(path.read_text().replace("0.5", "0.7"))  # metadata silently edited
     with pytest.raises(CheckpointError, match="does not match its own checksum"):
         checkpoint.read_metadata(tmp_path)
     path.write_text(path.read_text().replace("0.7", "0.5"))
-    os.rename(tmp_path / "step_1", tmp_path / "step_2")
+    shutil.copytree(tmp_path / "step_1", tmp_path / "step_2")
     with pytest.raises(CheckpointError, match="step_2 holds a checkpoint saved as step 1"):
         checkpoint.restore(tmp_path, target=abstract(state))
 
@@ -410,25 +463,19 @@ def test_edited_or_renamed_checkpoint_is_detected(tmp_path):
 # -------------------------------------------------------------------------------------------
 
 
-def test_leftovers_of_dead_processes_are_ignored_then_removed(tmp_path):
+def test_saves_in_progress_are_invisible_and_never_removed_by_listing(tmp_path):
+    """Orbax's temporary directories (a save in flight here or on another host, or killed)
+    are not steps; listing, describing and saving other steps leave them alone."""
     checkpoint.save(tmp_path, 1, {"x": jnp.zeros(2)})
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait(timeout=60)
-    host = _host_tag()
-    leftovers = [
-        f".tmp-step_2.{host}.{dead.pid}.abc123",  # dead process on this host: removed
-        f".tmp-step_3.{host}.{os.getpid()}.abc124",  # this live process: kept
-        f".tmp-step_4.otherhost.{dead.pid}.abc125",  # another host: kept
-        ".del-step_0.abcd",  # interrupted removal: removed
-    ]
-    for name in leftovers:
-        (tmp_path / name / "arrays").mkdir(parents=True)
-        (tmp_path / name / "optstate.json").write_text("{}")
-    assert checkpoint.all_steps(tmp_path) == [1]
-    assert checkpoint.incomplete_saves(tmp_path) == sorted(leftovers)
-    checkpoint.save(tmp_path, 5, {"x": jnp.zeros(2)})
-    assert checkpoint.incomplete_saves(tmp_path) == sorted(leftovers[1:3])
+    shutil.copytree(tmp_path / "step_1", tmp_path / "step_2.orbax-checkpoint-tmp")
+    shutil.copytree(tmp_path / "step_1", tmp_path / "step_9.orbax-checkpoint-tmp-1234")
+    leftovers = ["step_2.orbax-checkpoint-tmp", "step_9.orbax-checkpoint-tmp-1234"]
+    assert checkpoint.all_steps(tmp_path) == [1] and checkpoint.latest_step(tmp_path) == 1
+    assert checkpoint.incomplete_saves(tmp_path) == leftovers
+    checkpoint.describe(tmp_path)
+    checkpoint.save(tmp_path, 5, {"x": jnp.ones(2)})
     assert checkpoint.all_steps(tmp_path) == [1, 5]
+    assert checkpoint.incomplete_saves(tmp_path) == leftovers
 
 
 def test_async_save_commits_in_the_background(tmp_path):
@@ -451,15 +498,16 @@ def test_async_save_commits_in_the_background(tmp_path):
 
 
 def test_async_failure_surfaces_and_commits_nothing(tmp_path, monkeypatch):
-    def broken(root):
-        raise OSError("disk full (simulated)")
+    from orbax.checkpoint._src.path import atomicity
 
-    monkeypatch.setattr(saving, "_fsync_tree", broken)
+    async def broken(self, *args, **kwargs):  # the commit (rename) of Orbax's background save
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", broken)
     checkpoint.save(tmp_path, 1, {"x": jnp.zeros(2)}, asynchronous=True)
-    with pytest.raises(CheckpointError, match="step 1 .*failed.*disk full"):
+    with pytest.raises(CheckpointError, match="asynchronous save to .* failed.*No space left"):
         checkpoint.wait_until_finished()
     assert checkpoint.all_steps(tmp_path) == []
-    assert checkpoint.incomplete_saves(tmp_path) == []
     checkpoint.wait_until_finished()  # the error is reported once
 
 
@@ -715,9 +763,9 @@ def test_cli_inspect_lists_steps_leaves_totals_and_metadata(tmp_path, capsys):
     assert data["total_bytes"] == 76 and data["description"]["metadata"] == {}
 
     code, _ = _inspect(str(tmp_path), "--step", "7")
-    assert code == 1 and "no complete checkpoint for step 7" in capsys.readouterr().err
+    assert code == 2 and "no complete checkpoint for step 7" in capsys.readouterr().err
     code, _ = _inspect(str(tmp_path / "nothing"))
-    assert code == 1 and "no complete checkpoint" in capsys.readouterr().err
+    assert code == 2 and "no complete checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(_quantize_state() is None, reason="quantize_state not yet")
@@ -753,3 +801,50 @@ def test_cli_inspect_shows_quantized_formats(tmp_path):
     with pytest.raises(CheckpointError, match=r"step 1: .*mu\['w'\]: quantized fmt was saved as "
                                               r"int8, the target has fp8_e4m3"):
         checkpoint.restore(tmp_path, target=jax.eval_shape(lambda: other.init(params)))
+
+
+# -------------------------------------------------------------------------------------------
+# checksums on the devices; nothing process-wide changed
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "uint32", "int4",
+                                   "float8_e4m3fn", "bool", "complex64"])
+def test_checksum_is_independent_of_sharding_and_sees_any_change(dtype):
+    from optstate.checkpoint.integrity import checksums
+
+    values = jax.random.normal(jax.random.key(3), (16, 24)) * 5
+    x = (values > 0) if dtype == "bool" else values.astype(dtype)
+    mesh8 = jax.make_mesh((8,), ("data",))
+    mesh24 = jax.make_mesh((2, 4), ("a", "b"))
+    layouts = [x, jax.device_put(x, NamedSharding(mesh8, P("data"))),
+               jax.device_put(x, NamedSharding(mesh24, P("b", "a"))),
+               jax.device_put(x, NamedSharding(mesh8, P(None, "data")))]
+    sums = checksums(layouts)
+    assert len(set(sums)) == 1, sums
+    swapped = x.at[0, 0].set(x[0, 1]).at[0, 1].set(x[0, 0])
+    flipped = jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(values, jnp.uint32).at[5, 7].add(1), jnp.float32)
+    flipped = (flipped > 0) if dtype == "bool" else flipped.astype(dtype)
+    changed = [y for y in (swapped, flipped) if not bool((y == x).all())]
+    assert changed  # at least one of the two edits changes the array at this dtype
+    assert all(s != sums[0] for s in checksums(changed))
+
+
+def test_no_logger_filters_or_interpreter_hooks_change(tmp_path):
+    import logging
+
+    state = _corruptible_state()
+    checkpoint.save(tmp_path, 3, state)
+    files = [p for p in (tmp_path / "step_3" / "state").rglob("*") if p.is_file()]
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:10])
+    before = ({name: list(logging.getLogger(name).filters) for name in ("absl", "asyncio", "")},
+              sys.unraisablehook, sys.excepthook)
+    with pytest.raises(CheckpointError, match="step 3"):
+        checkpoint.restore(tmp_path, target=abstract(state))
+    after = ({name: list(logging.getLogger(name).filters) for name in ("absl", "asyncio", "")},
+             sys.unraisablehook, sys.excepthook)
+    assert after == before
+    assert not [f for name in ("absl", "asyncio") for f in logging.getLogger(name).filters
+                if type(f).__module__.startswith("optstate")]

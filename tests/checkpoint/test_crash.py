@@ -91,7 +91,8 @@ def test_sigkill_during_a_save_loop_leaves_exact_checkpoints(tmp_path, mode):
     latest = _check_all_visible_steps_exact(tmp_path, committed)
     assert checkpoint.latest_step(tmp_path) == latest
     assert len(checkpoint.all_steps(tmp_path)) <= 4  # keep=3, plus one whose removal was cut
-    # the directory stays usable: the next save commits and cleans the dead worker's leftovers
+    # the directory stays usable: the next save (the step the worker was writing) commits and
+    # replaces the dead worker's temporary directory
     checkpoint.save(tmp_path, latest + 1, make_state(latest + 1), metadata={"step": latest + 1})
     assert checkpoint.incomplete_saves(tmp_path) == []
     _check_all_visible_steps_exact(tmp_path, latest + 1)
@@ -102,12 +103,12 @@ def test_sigkill_just_before_the_commit_rename(tmp_path):
     assert "committed 2" in lines
     # step 3 was fully written (arrays and sidecar) but not renamed: it is invisible
     leftovers = checkpoint.incomplete_saves(tmp_path)
-    assert len(leftovers) == 1 and leftovers[0].startswith(".tmp-step_3.")
-    assert (tmp_path / leftovers[0] / "optstate.json").is_file()
+    assert len(leftovers) == 1 and leftovers[0].startswith("step_3.orbax-checkpoint-tmp")
+    assert (tmp_path / leftovers[0] / "optstate" / "metadata").is_file()
     assert checkpoint.all_steps(tmp_path) == [1, 2]
     assert checkpoint.latest_step(tmp_path) == 2
     _check_all_visible_steps_exact(tmp_path, 2)
-    # saving step 3 again works and removes the dead process's temporary directory
+    # saving step 3 again works and replaces the dead process's temporary directory
     checkpoint.save(tmp_path, 3, make_state(3), metadata={"step": 3})
     assert checkpoint.incomplete_saves(tmp_path) == []
     _check_all_visible_steps_exact(tmp_path, 3)
@@ -126,3 +127,31 @@ def test_resume_example_trajectories_coincide(tmp_path):
     assert "final parameters and optimizer state bit-identical: True" in result.stdout
     restored_from = int(result.stdout.split("restored step ")[1].split()[0])
     assert 5 <= restored_from < 30 and restored_from % 5 == 0  # resumed mid-run
+
+
+def test_an_observer_listing_during_saves_sees_only_complete_steps(tmp_path):
+    """While a worker saves in a loop (asynchronously, keep=3), this process lists the
+    directory and restores what it lists: every listed step restores exactly, or has been
+    removed by keep= meanwhile (then it is no longer listed); never a partial step."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), "async"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    target = jax.eval_shape(lambda: make_state(0))
+    checked: set[int] = set()
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while len(checked) < 4:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail(f"observed only steps {sorted(checked)} (worker: {proc.poll()})")
+            for step in checkpoint.all_steps(tmp_path):
+                try:
+                    restored = checkpoint.restore(tmp_path, step, target=target)
+                except checkpoint.CheckpointError:
+                    assert step not in checkpoint.all_steps(tmp_path), step
+                    continue
+                assert _bits(restored) == _bits(make_state(step)), f"step {step}"
+                checked.add(step)
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
