@@ -15,6 +15,9 @@ Import it as ``from tests import helpers``.
 from __future__ import annotations
 
 import functools
+import os
+import socket
+from pathlib import Path
 from typing import Any, Callable
 
 import chex
@@ -145,3 +148,48 @@ def jit_traced_once(fn: Callable[..., Any]) -> Callable[..., Any]:
     cleared first: chex keys them by the definition site, which repeats across test cases."""
     chex.clear_trace_counter()
     return jax.jit(chex.assert_max_traces(fn, n=1))
+
+
+# --- shared problems and workers -------------------------------------------------------------
+
+
+def least_squares(make_tx: Callable[[], Any], *, n: int = 4096, batch: int = 64,
+                  steps: int = 300) -> tuple[float, Any]:
+    """Mini-batch least squares with a 512 x 64 weight: ``mean((x w - y)^2)`` on the full data
+    after ``steps`` updates on random batches (the same batches for every transform), and the
+    final state. One ``lax.scan``."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((n, 512)) / np.sqrt(512), jnp.float32)
+    w_true = jnp.asarray(rng.standard_normal((512, 64)), jnp.float32)
+    y = x @ w_true + 0.1 * jnp.asarray(rng.standard_normal((n, 64)), jnp.float32)
+    batches = jnp.asarray(rng.integers(0, n, (steps, batch)))
+    tx = make_tx()
+
+    def loss(w, xb, yb):
+        return jnp.mean((xb @ w - yb) ** 2)
+
+    def step(carry, idx):
+        w, state = carry
+        updates, state = tx.update(jax.grad(loss)(w, x[idx], y[idx]), state, w)
+        return (optax.apply_updates(w, updates), state), None
+
+    w = jnp.zeros((512, 64))
+    (w, state), _ = jax.jit(lambda c: jax.lax.scan(step, c, batches))((w, tx.init(w)))
+    return float(loss(w, x, y)), state
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a ``jax.distributed`` coordinator)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(devices: int) -> dict[str, str]:
+    """Environment of a worker process: ``devices`` emulated CPU devices, and this checkout
+    first on the import path (so workers import this optstate and ``tests``)."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env["PYTHONPATH"] = os.pathsep.join([root] + env.get("PYTHONPATH", "").split(os.pathsep))
+    return env

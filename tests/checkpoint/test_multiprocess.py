@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 
 from optstate import checkpoint
 from optstate.checkpoint import CheckpointError
+from tests import helpers
 from tests.checkpoint import _multiprocess_worker as worker
 
 WORKER = Path(__file__).with_name("_multiprocess_worker.py")
@@ -31,21 +31,8 @@ TIMEOUT_S = 240  # per worker launch (imports and compiles on a loaded 2-core ma
 LOOP_TIMEOUT_S = 10  # checkpoint timeout of the survivor in the kill test
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(devices: int) -> dict[str, str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + env.get("PYTHONPATH", "").split(os.pathsep))
-    return env
-
-
 def _start(directory: Path, mode: str, logs: list) -> list[subprocess.Popen]:
-    coordinator = f"127.0.0.1:{_free_port()}"
+    coordinator = f"127.0.0.1:{helpers.free_port()}"
     procs = []
     for pid in range(PROCESSES):
         log = open(directory.parent / f"{mode}{pid}.log", "w+")
@@ -55,7 +42,7 @@ def _start(directory: Path, mode: str, logs: list) -> list[subprocess.Popen]:
              str(PROCESSES), "--coordinator", coordinator, "--local-devices",
              str(LOCAL_DEVICES), "--dir", str(directory), "--mode", mode,
              "--timeout", str(LOOP_TIMEOUT_S)],
-            env=_env(LOCAL_DEVICES), stdout=log, stderr=subprocess.STDOUT))
+            env=helpers.worker_env(LOCAL_DEVICES), stdout=log, stderr=subprocess.STDOUT))
     return procs
 
 
@@ -111,8 +98,9 @@ def test_two_process_save_restores_bit_identically_on_4_devices(saved):
     code = ("import sys; from tests.checkpoint._multiprocess_worker import "
             "restore_and_continue as r; p = r(sys.argv[1]); print(p or 'OK'); "
             "sys.exit(1 if p else 0)")
-    result = subprocess.run([sys.executable, "-c", code, str(saved)], env=_env(4), cwd=ROOT,
-                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    result = subprocess.run([sys.executable, "-c", code, str(saved)], cwd=ROOT,
+                            env=helpers.worker_env(4), capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), (
         result.stdout + result.stderr[-3000:])
 

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import optstate
+from tests import helpers
 from optstate import QuantizedArray, QuantizedState, dequantize, is_quantized, quantize_state
 from optstate.quantization.block import quantize_array
 from optstate.quantization.wrapper import BoundedStepFallbackWarning
@@ -202,25 +203,9 @@ def test_non_elementwise_inner_transforms_fall_back_to_whole_state():
             np.testing.assert_allclose(updates[k], ref[k], rtol=2e-5, atol=1e-8)
 
 
-def _least_squares_loss(make_tx, n=4096, batch=64, steps=300):
-    """Mini-batch least squares, 512x64 weights: ``mean((x w - y)^2)`` on the full data after
-    ``steps`` AdamW steps on random batches (the same batches for every transform)."""
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((n, 512)) / np.sqrt(512), jnp.float32)
-    w_true = jnp.asarray(rng.standard_normal((512, 64)), jnp.float32)
-    y = x @ w_true + 0.1 * jnp.asarray(rng.standard_normal((n, 64)), jnp.float32)
-    loss = lambda w, xb, yb: jnp.mean((xb @ w - yb) ** 2)  # noqa: E731
-    batches = jnp.asarray(rng.integers(0, n, (steps, batch)))
-    tx = make_tx()
-    w = jnp.zeros((512, 64))
-
-    def step(carry, idx):
-        w, state = carry
-        u, state = tx.update(jax.grad(loss)(w, x[idx], y[idx]), state, w)
-        return (optax.apply_updates(w, u), state), None
-
-    (w, _), _ = jax.jit(lambda c: jax.lax.scan(step, c, batches))((w, tx.init(w)))
-    return float(loss(w, x, y))
+def _least_squares_loss(make_tx):
+    """Final least-squares loss after 300 steps (``tests.helpers.least_squares``)."""
+    return helpers.least_squares(make_tx)[0]
 
 
 def test_fidelity_on_least_squares():

@@ -8,8 +8,6 @@ time and killed in a ``finally``.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests import helpers
 from tests.sharding import _multiprocess_worker as worker
 
 WORKER = Path(__file__).with_name("_multiprocess_worker.py")
@@ -26,19 +25,9 @@ LOCAL_DEVICES = 4
 TIMEOUT_S = 240
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_workers(out: Path) -> list[dict[str, np.ndarray]]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(Path(__file__).resolve().parents[2])] + env.get("PYTHONPATH", "").split(os.pathsep))
-    coordinator = f"127.0.0.1:{free_port()}"
+    env = helpers.worker_env(LOCAL_DEVICES)
+    coordinator = f"127.0.0.1:{helpers.free_port()}"
     procs: list[subprocess.Popen] = []
     logs = []
     try:

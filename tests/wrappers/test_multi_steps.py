@@ -170,26 +170,9 @@ def test_accumulator_is_quantized_signed_on_the_bounded_step():
                                rtol=0.02)
 
 
-def _least_squares_loss(make_tx, n=4096, batch=64, steps=1200):
-    """Mini-batch least squares, 512x64 weights: ``mean((x w - y)^2)`` on the full data after
-    ``steps`` mini-steps on random batches (the same batches for every transform)."""
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((n, 512)) / np.sqrt(512), jnp.float32)
-    w_true = jnp.asarray(rng.standard_normal((512, 64)), jnp.float32)
-    y = x @ w_true + 0.1 * jnp.asarray(rng.standard_normal((n, 64)), jnp.float32)
-    loss = lambda w, xb, yb: jnp.mean((xb @ w - yb) ** 2)
-    batches = jnp.asarray(rng.integers(0, n, (steps, batch)))
-    tx = make_tx()
-    w = jnp.zeros((512, 64))
-
-    def step(carry, idx):
-        w, state = carry
-        u, state = tx.update(jax.grad(loss)(w, x[idx], y[idx]), state, w)
-        return (optax.apply_updates(w, u), state), None
-
-    state = tx.init(w)
-    (w, state), _ = jax.jit(lambda c: jax.lax.scan(step, c, batches))((w, state))
-    return float(loss(w, x, y)), state
+def _least_squares_loss(make_tx):
+    """(final loss, state) after 1200 mini-steps (``tests.helpers.least_squares``)."""
+    return helpers.least_squares(make_tx, steps=1200)
 
 
 def test_bf16_stochastic_accumulator_trains_like_fp32_on_least_squares():
