@@ -22,19 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optstate.checkpoint.encoding import _UINT_OF_WIDTH, _bit_width
+
 #: Name of the algorithm, recorded in the sidecar.
 ALGORITHM = "mix32x2-global-index"
-
-_UINT = {2: jnp.uint2, 4: jnp.uint4, 8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}
-
-
-def _bits(dtype) -> int:
-    dtype = jnp.dtype(dtype)
-    if jnp.issubdtype(dtype, jnp.floating):
-        return int(jnp.finfo(dtype).bits)
-    if jnp.issubdtype(dtype, jnp.integer):
-        return int(jnp.iinfo(dtype).bits)
-    return 8 * dtype.itemsize
 
 
 def _words(x: jax.Array) -> jax.Array:
@@ -43,12 +34,13 @@ def _words(x: jax.Array) -> jax.Array:
         return x.astype(jnp.uint32)[..., None]
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         return jnp.concatenate([_words(jnp.real(x)), _words(jnp.imag(x))], axis=-1)
-    width = _bits(x.dtype)
+    width = _bit_width(x.dtype)
     if width == 64:
         return jax.lax.bitcast_convert_type(x, jnp.uint32)  # (..., 2)
     if width == 32:
         return jax.lax.bitcast_convert_type(x, jnp.uint32)[..., None]
-    return jax.lax.bitcast_convert_type(x, _UINT[width]).astype(jnp.uint32)[..., None]
+    narrow = jax.lax.bitcast_convert_type(x, jnp.dtype(_UINT_OF_WIDTH[width]))
+    return narrow.astype(jnp.uint32)[..., None]
 
 
 def _fmix(h: jax.Array, m1: int, m2: int) -> jax.Array:
