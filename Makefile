@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/optstate compare
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python bench/step_time.py
