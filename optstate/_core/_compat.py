@@ -41,27 +41,6 @@ def auto_axes(fn: Callable[..., Any], out_sharding: Any) -> Callable[..., Any]:
     return jax.sharding.auto_axes(fn, out_sharding=out_sharding)
 
 
-def with_weak_type(x: jax.Array) -> jax.Array:
-    """``x`` marked weakly typed (as a Python scalar is), same dtype and value.
-
-    JAX has no public constructor for a weakly typed array from an existing one. Adding the
-    array to a weakly typed zero of its own dtype would give a strongly typed result, so the
-    one route is ``lax``'s conversion with ``weak_type=True``, which lives in ``jax._src``.
-
-    Raises:
-      RuntimeError: the JAX version moved that function; the message says how to proceed.
-    """
-    try:
-        from jax._src.lax.lax import _convert_element_type
-    except ImportError as error:  # pragma: no cover - depends on the JAX version
-        raise RuntimeError(
-            "optstate._core._compat.with_weak_type: this JAX version has no "
-            "jax._src.lax.lax._convert_element_type, which restores weak types. Pin jax to a "
-            "version listed in optstate's pyproject.toml, or restore with a target whose "
-            "leaves are not weakly typed.") from error
-    return _convert_element_type(x, weak_type=True)
-
-
 def varying_axes(x: Any) -> frozenset | None:
     """The manual mesh axes over which ``x`` varies inside ``shard_map``, or ``None`` where
     JAX does not track them (older versions, ``check_vma=False``, or ``x`` not a JAX value).

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from optstate._core import _compat
-from optstate._core._compat import with_weak_type
 from optstate._core.types import PyTree
 from optstate.checkpoint.errors import CheckpointError
 from optstate.quantization.array import is_quantized
@@ -87,15 +86,53 @@ def _decode_bits(bits: jax.Array, dtype_name: str) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, jnp.dtype(dtype_name))
 
 
+# The Python scalar whose array JAX makes weakly typed, per dtype kind: a weak leaf's dtype is
+# the one such a scalar takes (float32 or, with x64, float64; int32/int64; complex64/128).
+_WEAK_SCALAR = {"f": 0.0, "i": 0, "u": 0, "c": 0j}
+
+
+def _weak_zeros_like(x: jax.Array) -> jax.Array:
+    """Zeros of ``x``'s shape and dtype, weakly typed, or ``None`` when no Python scalar gives
+    a weakly typed array of that dtype (e.g. a weak ``bfloat16``)."""
+    scalar = _WEAK_SCALAR.get(jnp.dtype(x.dtype).kind)
+    if scalar is None:
+        return None
+    zero = jnp.asarray(scalar)
+    if zero.dtype != x.dtype or not zero.weak_type:
+        return None
+    return jnp.broadcast_to(zero, x.shape)
+
+
+def with_weak_type(x: jax.Array) -> jax.Array:
+    """``x`` weakly typed, same dtype, value and sharding, through public JAX only.
+
+    Weak types survive only operations whose inputs are all weak, so ``x`` is written into
+    weakly typed zeros of its shape (``zeros.at[...].set(x)``, which keeps the zeros' weak
+    type; under ``jit`` XLA reduces it to ``x`` itself).
+
+    Raises:
+      ValueError: no Python scalar gives a weakly typed array of ``x``'s dtype.
+    """
+    def mark(a):
+        zeros = _weak_zeros_like(a)
+        if zeros is None:
+            raise ValueError(f"JAX makes no weakly typed {a.dtype} array from a Python scalar")
+        return zeros.at[...].set(a, out_sharding=jax.typeof(a).sharding)
+
+    sharding = getattr(x, "sharding", None)
+    return jax.jit(mark, out_shardings=sharding)(x)
+
+
 def _with_weak_type(x: jax.Array, where: str) -> jax.Array:
-    """``x`` weakly typed again, as it was saved. A JAX on which that is impossible is an
-    error naming the leaf (``where``), never a silently strongly typed result: weak types
-    decide the dtypes of later arithmetic."""
+    """``x`` weakly typed again, as it was saved. A leaf that cannot be is an error naming it
+    (``where``), never a silently strongly typed result: weak types decide the dtypes of later
+    arithmetic."""
     try:
         return with_weak_type(x)
-    except RuntimeError as e:
+    except ValueError as e:
         raise CheckpointError(f"{where}: the leaf was saved weakly typed and its weak type "
-                              f"cannot be restored: {e}") from e
+                              f"cannot be restored: {e}. Restore with a target whose leaf is "
+                              f"strongly typed (e.g. jnp.asarray(x, dtype)).") from e
 
 
 # -------------------------------------------------------------------------------------------

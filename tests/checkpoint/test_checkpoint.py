@@ -85,16 +85,28 @@ def test_round_trip_is_bit_exact_for_every_leaf_kind(tmp_path):
     assert_identical(checkpoint.restore(tmp_path, 3, target=state), expected)
 
 
-def test_weak_type_that_cannot_be_restored_is_an_error_naming_the_leaf(tmp_path, monkeypatch):
-    """A JAX without the weak-type conversion must not give a strongly typed leaf silently."""
-    def moved(x):
-        raise RuntimeError("this JAX version has no _convert_element_type (simulated)")
+def test_weak_arrays_restore_weak_with_their_values_and_sharding(tmp_path):
+    """Weak types are restored through public JAX: a weak vector and a weak int scalar."""
+    state = {"v": jnp.broadcast_to(jnp.asarray(1.5), (6,)) + 0.25, "i": jnp.asarray(7)}
+    assert state["v"].weak_type and state["i"].weak_type
+    checkpoint.save(tmp_path, 1, state)
+    restored = checkpoint.restore(tmp_path, target=state)
+    assert restored["v"].weak_type and restored["i"].weak_type
+    assert_identical(restored, state)
 
-    checkpoint.save(tmp_path, 1, {"weak": jnp.asarray(0.25), "f32": jnp.zeros(2)})
-    monkeypatch.setattr(encoding, "with_weak_type", moved)
+
+def test_weak_type_that_cannot_be_restored_is_an_error_naming_the_leaf(tmp_path):
+    """A weakly typed bf16 leaf (JAX makes them internally; no Python scalar gives one) must
+    not come back strongly typed silently."""
+    from jax._src.lax.lax import _convert_element_type  # only to build such a leaf
+
+    weak_bf16 = _convert_element_type(jnp.ones(3), jnp.dtype(jnp.bfloat16),
+                                      weak_type=True)
+    assert weak_bf16.weak_type
+    checkpoint.save(tmp_path, 1, {"weak": weak_bf16, "f32": jnp.zeros(2)})
     with pytest.raises(CheckpointError,
-                       match=r"step 1, leaf \['weak'\]: .*weakly typed.*simulated"):
-        checkpoint.restore(tmp_path, target={"weak": jnp.asarray(0.25), "f32": jnp.zeros(2)})
+                       match=r"step 1, leaf \['weak'\]: .*weakly typed.*bfloat16"):
+        checkpoint.restore(tmp_path, target={"weak": weak_bf16, "f32": jnp.zeros(2)})
 
 
 def test_scalar_state_and_state_without_arrays(tmp_path):
