@@ -5,7 +5,10 @@ mini-batch least squares (a 512 x 64 weight, 300 steps, the same batches for eve
 the table shows the final full-data loss and the *shortfall*: how much of the way from the
 starting loss to the unwrapped optimizer's loss the quantized run fails to cover,
 ``(L_fmt - L_ref) / (L_start - L_ref)``. Limits (issue 12): 10% for 8-bit and bf16, 30% for
-int4.
+int4. Each format runs with ``quantize_state``'s defaults (stall-prone state rounded
+stochastically, rank-1 normalised int4 second moments); a ``-sr`` suffix rounds everything
+stochastically. About 15 minutes on 2 busy CPU cores; the last line lists any run over its
+limit (none on 2026-11-29).
 
     python bench/catalogue.py [--formats int8 int4 fp8_e4m3 bf16 bf16-sr] [--only adam sm3]
 """

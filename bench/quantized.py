@@ -7,19 +7,26 @@ Three measurements (issue 3's "Must show"), all against Optax's float32 AdamW:
 * ``memory``: XLA's memory analysis (arguments + outputs - aliased + temporaries) of the
   jitted, fully donated step ``(params, state, grads) -> (params + updates, state)`` on 8
   leaves of 1024 x 1024 (compiled only, nothing runs). Limits: int8 <= 0.75x Optax (target
-  0.65x), int4 <= 0.70x (target 0.60x).
+  0.65x), int4 <= 0.70x (target 0.60x). Then the same analysis of the embedded task's
+  update alone (``optstate compare``'s ``update peak``: many mid-sized leaves), beside the
+  floor no update can go below (gradients, parameters and state).
 * ``time``: median step time on 8 leaves of 2048 x 2048 (32M parameters), interleaved
   round-robin with Optax's fp32 AdamW in one process, and the bandwidth each step achieves
   (the bytes it must move over its time) against the device's measured streaming bandwidth.
-  Limit: int8 <= 1.5x.
+  Limit: int8 <= 1.5x. Rows per format: ``tx.update`` + ``apply_updates`` (the fused kernel
+  where the backend has one: GPU, TPU), ``optstate.update_and_apply`` (``apply``), and on an
+  accelerator the XLA path with the kernel off (``xla``). Issue 15's GPU limits: int8
+  ``apply`` <= 0.65x Optax and >= 75% of streaming, int4 ``apply`` <= 0.6x, int8 ``tx.update``
+  <= 1.0x (``bench/gpu_check.sh`` runs them on 32M and 1B parameters).
 
     python bench/quantized.py [bytes|memory|time|all] [--repeats 15] [--side 2048]
-                              [--chunk-elements N]
+                              [--leaves 8] [--chunk-elements N] [--formats int8,int4]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import warnings
 
@@ -31,6 +38,7 @@ import optstate
 from optstate.memory import compiled_memory
 from optstate.tasks.timing import median_ratio, time_interleaved
 from optstate.memory import state_bytes
+from optstate.quantization.fused import use_kernel
 
 FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2", "bf16")
 
@@ -49,6 +57,13 @@ def _donated_step(tx):
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def _apply_step(tx):
+    def step(params, state, grads):
+        return optstate.update_and_apply(tx, grads, state, params)
 
     return step
 
@@ -73,6 +88,40 @@ def bench_memory(leaves: int = 8, side: int = 1024, chunk_elements: int | None =
         m = peak(optstate.quantize_state(optax.adamw(1e-3), fmt, **extra))
         print(f"  {fmt:9s}  {m.peak / n:6.2f} B/param (temporaries {m.temporaries / n:.3f})"
               f"  ratio {m.peak / base.peak:.3f}")
+
+
+def bench_task_update_memory(formats: tuple[str, ...] = ("int8", "int4")) -> None:
+    """The ``update peak`` column of ``optstate compare``: XLA's memory analysis of the
+    embedded task's optimizer update alone (``optstate.tasks.compare.update_memory``: gradients
+    and state donated), AdamW as ``optstate compare`` builds it, on the default model's
+    parameters (many leaves of 16K-260K values, plus small fp32-state ones). The floor is what
+    no update can go below: its arguments (gradients, parameters, state) and its updates in
+    the gradients' buffers."""
+    from optstate.tasks.compare import update_memory
+    from optstate.tasks.configs import Hyperparameters, build_optimizer, parse_config
+    from optstate.tasks.training import init_model, num_params
+    from optstate.tasks.transformer import ModelConfig
+
+    _, real = init_model(ModelConfig(), 0)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), real)
+    n = num_params(params)
+
+    def measure(name):
+        tx = build_optimizer(parse_config(name), Hyperparameters(), 400)
+        state = jax.eval_shape(tx.init, params)
+        return update_memory(tx, params, state), state_bytes(state)
+
+    base, _ = measure("fp32")
+    print(f"Peak memory of the embedded task's update alone (optstate compare's update peak), "
+          f"{n / 1e6:.2f}M params in {len(jax.tree.leaves(params))} leaves")
+    print(f"  fp32       {base['peak'] / 2**20:6.2f} MiB (temporaries "
+          f"{base['temporaries'] / 2**20:.2f})")
+    for fmt in formats:
+        m, nbytes = measure(fmt)
+        floor = 8 * n + nbytes  # gradients (taken by the updates) and parameters, plus state
+        print(f"  {fmt:9s}  {m['peak'] / 2**20:6.2f} MiB (temporaries "
+              f"{m['temporaries'] / 2**20:.2f})  ratio {m['peak'] / base['peak']:.3f}  "
+              f"floor {floor / base['peak']:.3f}")
 
 
 def _copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 10) -> float:
@@ -100,23 +149,39 @@ def bench_time(leaves: int = 8, side: int = 2048, repeats: int = 15,
     params = {f"w{i}": 0.1 * jax.random.normal(k, (side, side)) for i, k in enumerate(keys)}
     grads = jax.tree.map(lambda p: 0.01 * p, params)
     traffic: dict[str, int] = {}
+    accelerator = jax.default_backend() != "cpu"
 
-    def runner(name, tx):
-        step = jax.jit(_donated_step(tx), donate_argnums=(0, 1))
+    def runner(name, tx, apply=False, kernel=None):
+        # compiled ahead of time inside ``use_kernel`` (the choice is made at trace time)
+        fn = _apply_step(tx) if apply else _donated_step(tx)
+        step = jax.jit(fn, donate_argnums=(0, 1))
         box = [jax.tree.map(jnp.copy, params), tx.init(params)]
-        mem = compiled_memory(step, box[0], box[1], grads)
-        traffic[name] = mem.arguments + mem.outputs
+        with use_kernel(kernel) if kernel else contextlib.nullcontext():
+            compiled = step.lower(box[0], box[1], grads).compile()
+        analysis = compiled.memory_analysis()
+        traffic[name] = int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes)
 
         def run():
-            box[0], box[1] = step(box[0], box[1], grads)
+            box[0], box[1] = compiled(box[0], box[1], grads)
             jax.block_until_ready(box[0])
 
         return run
 
     extra = {} if chunk_elements is None else {"chunk_elements": chunk_elements}
     steps = {"optax": runner("optax", optax.adamw(1e-3))}
+    names = []
     for fmt in formats:
-        steps[fmt] = runner(fmt, optstate.quantize_state(optax.adamw(1e-3), fmt, **extra))
+        # int4's default rank-1 second moment takes the whole-leaf XLA step; its plain grid
+        # (rank1=False) is what the kernel runs
+        options = dict(extra, rank1=False) if fmt == "int4" else extra
+        tx = optstate.quantize_state(optax.adamw(1e-3), fmt, **options)
+        label = "int4 linear-nu" if fmt == "int4" else fmt
+        rows = [(label, False, None), (f"{label} apply", True, None)]
+        if accelerator:
+            rows.append((f"{label} xla", False, "off"))
+        for name, apply, kernel in rows:
+            steps[name] = runner(name, tx, apply, kernel)
+            names.append(name)
     timings = time_interleaved(steps, repeats=repeats, warmup=2)
     bandwidth = _copy_bandwidth()
     n = leaves * side * side
@@ -130,10 +195,10 @@ def bench_time(leaves: int = 8, side: int = 2048, repeats: int = 15,
         return (f"{t * 1e3:7.2f} ms  {traffic[name] / n:5.2f} B/param moved  "
                 f"{achieved / 1e9:6.0f} GB/s = {achieved / bandwidth:4.0%} of streaming")
 
-    print(f"  optax fp32 {line('optax', base)}")
-    for fmt in formats:
-        t = statistics.median(timings[fmt])
-        print(f"  {fmt:9s}  {line(fmt, t)}  ratio {median_ratio(timings, fmt, 'optax'):.2f}")
+    print(f"  {'optax fp32':20s}  {line('optax', base)}")
+    for name in names:
+        t = statistics.median(timings[name])
+        print(f"  {name:20s}  {line(name, t)}  ratio {median_ratio(timings, name, 'optax'):.2f}")
 
 
 def main() -> None:
@@ -143,13 +208,18 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=2048, help="leaf side for the time benchmark")
     parser.add_argument("--chunk-elements", type=int, default=None,
                         help="quantize_state's chunk_elements (memory and time)")
+    parser.add_argument("--leaves", type=int, default=8, help="leaves for the time benchmark")
+    parser.add_argument("--formats", default=",".join(("int8",) + FORMATS[1:]),
+                        help="comma-separated formats for the time benchmark")
     args = parser.parse_args()
     if args.what in ("bytes", "all"):
         bench_bytes()
     if args.what in ("memory", "all"):
         bench_memory(chunk_elements=args.chunk_elements)
+        bench_task_update_memory()
     if args.what in ("time", "all"):
-        bench_time(side=args.side, repeats=args.repeats, chunk_elements=args.chunk_elements)
+        bench_time(leaves=args.leaves, side=args.side, repeats=args.repeats,
+                   formats=tuple(args.formats.split(",")), chunk_elements=args.chunk_elements)
 
 
 if __name__ == "__main__":

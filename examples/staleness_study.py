@@ -240,7 +240,8 @@ def task_runs(
       seeds: the seeds to run.
       configs: configuration names; the fp32 reference is added first if absent.
       train_config: a ``TrainConfig`` template (its ``steps`` and ``seed`` are replaced);
-        default: the task's, with :data:`TASK_EVAL_POINTS` evaluations.
+        default: the 479K-parameter model this part was measured on, with
+        :data:`TASK_EVAL_POINTS` evaluations.
       hyper: a ``Hyperparameters`` template (its ``b2`` is replaced); default: compare's.
       log: called with one line after each run.
     """
@@ -256,7 +257,14 @@ def task_runs(
     )
 
     hyper = replace(hyper or Hyperparameters(), b2=b2)
-    template = replace(train_config or TrainConfig(eval_points=TASK_EVAL_POINTS), steps=steps)
+    if train_config is None:
+        # the model this part was measured on (optstate compare's default until the demo
+        # moved to d_model 256): 479K parameters, windows of 128 bytes, batches of 16
+        from optstate.tasks.transformer import ModelConfig
+
+        train_config = TrainConfig(eval_points=TASK_EVAL_POINTS, batch_size=16, eval_batches=8,
+                                   model=ModelConfig(seq_len=128, d_model=128))
+    template = replace(train_config, steps=steps)
     parsed = parse_configs([REFERENCE, *configs])
     corpus = load_corpus()
     graphdef, _ = init_model(template.model, seeds[0])  # the same graph for every seed

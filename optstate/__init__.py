@@ -24,6 +24,7 @@ from optstate._core.base import (
     init_empty_state,
     named_chain,
     set_to_zero,
+    update_and_apply,
     with_extra_args_support,
 )
 
@@ -62,6 +63,12 @@ from optstate.transforms.trust_ratio import scale_by_trust_ratio
 from optstate.transforms.weight_decay import WeightDecaySchedule, add_decayed_weights
 
 # --- wrappers ---------------------------------------------------------------
+from optstate.wrappers.compensated import (
+    CompensatedParamsState,
+    FullPrecision,
+    compensated_params,
+    master_params,
+)
 from optstate.wrappers.finite import ApplyIfFiniteState, apply_if_finite
 from optstate.wrappers.inject import InjectHyperparamsState, inject_hyperparams
 from optstate.wrappers.masking import MaskedNode, MaskedState, masked
@@ -86,6 +93,7 @@ _LAZY_SUBMODULES = (
     "schedules", "memory", "inspect", "staleness", "sharding", "checkpoint", "tasks")
 
 __all__ = [
+    "compensated_params", "CompensatedParamsState", "FullPrecision", "master_params",
     "BoundedStepFallbackWarning",
     "adadelta", "adafactor", "adagrad", "adam", "adam_l2", "adamw", "adaptive_reset",
     "add_decayed_weights", "apply_if_finite", "apply_updates", "ApplyIfFiniteState", "chain",
@@ -101,7 +109,7 @@ __all__ = [
     "scale_by_stddev", "scale_by_trust_ratio", "ScaleByAdaDeltaState", "ScaleByAdamState",
     "ScaleByLionState", "ScaleByRmsState", "ScaleByRmsWithCountState", "ScaleByRssState",
     "ScaleByRStdDevState", "ScaleByRStdDevWithCountState", "ScaleByScheduleState",
-    "set_to_zero", "sgd", "trace", "TraceState", "WeightDecaySchedule",
+    "set_to_zero", "sgd", "trace", "TraceState", "update_and_apply", "WeightDecaySchedule",
     "with_extra_args_support",
     *_LAZY_SUBMODULES,
 ]

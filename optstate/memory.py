@@ -25,10 +25,12 @@ import numpy as np
 
 from optstate.quantization.array import is_quantized
 from optstate.quantization.formats import dtype_format_name
+from optstate.quantization.policy import recording_roundings
 from optstate.quantization.wrapper import recording_update_paths
 
 __all__ = ["CompiledMemory", "Description", "LeafInfo", "compiled_memory", "describe", "format_name",
            "state_bytes"]
+__all__ += ["StepPlan", "plan", "shard_bytes"]  # the planner (issue 17)
 
 def format_name(leaf: Any) -> str:
     """The storage format of a leaf: a quantized leaf's ``fmt`` (``"int8"``, ``"int4"``,
@@ -62,7 +64,10 @@ class LeafInfo(NamedTuple):
     """One row of :func:`describe`: ``path`` (``jax.tree_util.keystr``), logical ``shape``,
     storage ``format``, stored ``bytes``, ``bytes_per_value`` (bytes / logical elements) and,
     when ``describe`` was given the transform, the ``step`` a quantized leaf's update takes
-    (``"chunked"``: the bounded-memory loop; ``"whole: <why>"``: dequantized at once)."""
+    (``"chunked"``: the bounded-memory loop; ``"whole: <why>"``: dequantized at once), and
+    its ``rounding`` (``"nearest"``, ``"stochastic"``, ``"stochastic: running sum"`` for a
+    stall-prone leaf rounded stochastically, ``"fp32: running sum"`` for one kept in float32;
+    see ``quantize_state(stalling=...)``)."""
 
     path: str
     shape: tuple[int, ...]
@@ -70,6 +75,7 @@ class LeafInfo(NamedTuple):
     bytes: int
     bytes_per_value: float
     step: str = ""
+    rounding: str = ""
 
 
 class Description(NamedTuple):
@@ -84,12 +90,16 @@ class Description(NamedTuple):
 
     def __str__(self) -> str:
         steps = any(r.step for r in self.rows)
-        header = ("path", "shape", "format", "bytes", "bytes/value") + (("step",) * steps)
+        roundings = any(r.rounding for r in self.rows)
+        header = (("path", "shape", "format", "bytes", "bytes/value") + (("step",) * steps)
+                  + (("rounding",) * roundings))
         body = [(r.path or "(root)", str(tuple(r.shape)), r.format, str(r.bytes),
-                 f"{r.bytes_per_value:.3f}") + ((r.step,) * steps) for r in self.rows]
+                 f"{r.bytes_per_value:.3f}") + ((r.step,) * steps) + ((r.rounding,) * roundings)
+                for r in self.rows]
         total = ("total", "", "", str(self.total_bytes),
                  "" if self.bytes_per_param is None
-                 else f"{self.bytes_per_param:.3f} bytes/parameter") + (("",) * steps)
+                 else f"{self.bytes_per_param:.3f} bytes/parameter") + (("",) * steps) + (
+                     ("",) * roundings)
         widths = [max(len(row[i]) for row in [header, *body, total]) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
                  for row in [header, *body, total]]
@@ -105,12 +115,14 @@ def describe(state: Any, params: Any = None, *, tx: Any = None) -> Description:
         (``total_bytes / number of parameter elements``).
       tx: optionally the transform whose state this is (needs ``params``). Its update is
         traced once on abstract values (nothing runs) to show, per quantized leaf, the step
-        ``quantize_state`` takes for it: ``"chunked"`` (bounded memory) or ``"whole: <why>"``.
+        ``quantize_state`` takes for it: ``"chunked"`` (bounded memory) or ``"whole: <why>"``,
+        and its rounding (``"nearest"``, ``"stochastic"``, or for a stall-prone leaf
+        ``"stochastic: running sum"``, ``"fp32: running sum"``, ...).
 
     Returns:
       A :class:`Description`; ``print(describe(state))`` prints the table.
     """
-    steps = {} if tx is None else _update_paths(tx, state, params)
+    steps, roundings = ({}, {}) if tx is None else _update_paths(tx, state, params)
     flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_quantized)
     rows = []
     for path, leaf in flat:
@@ -121,7 +133,8 @@ def describe(state: Any, params: Any = None, *, tx: Any = None) -> Description:
         size = math.prod(shape)
         name = jax.tree_util.keystr(path)
         rows.append(LeafInfo(name, shape, format_name(leaf), nbytes,
-                             nbytes / size if size else 0.0, _step_of(name, steps)))
+                             nbytes / size if size else 0.0, _step_of(name, steps),
+                             _step_of(name, roundings)))
     total = sum(r.bytes for r in rows)
     num_params = None
     per_param = None
@@ -131,14 +144,15 @@ def describe(state: Any, params: Any = None, *, tx: Any = None) -> Description:
     return Description(tuple(rows), total, num_params, per_param)
 
 
-def _update_paths(tx: Any, state: Any, params: Any) -> dict[str, str]:
-    """``{path inside a QuantizedState's inner state: step}`` from tracing ``tx.update``."""
+def _update_paths(tx: Any, state: Any, params: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """``{path inside a QuantizedState's inner state: step}`` and ``{...: rounding}`` from
+    tracing ``tx.update``."""
     if params is None:
         raise ValueError("describe: tx= needs params= too (the update is traced with the "
                          "parameters as gradients); got params=None.")
-    with recording_update_paths() as record:
+    with recording_update_paths() as record, recording_roundings() as roundings:
         jax.eval_shape(lambda s, p: tx.update(p, s, p), state, params)
-    return dict(record)
+    return dict(record), dict(roundings)
 
 
 def _step_of(path: str, steps: dict[str, str]) -> str:
@@ -176,3 +190,115 @@ def compiled_memory(jitted: Any, *args: Any, **kwargs: Any) -> CompiledMemory:
         aliased=int(analysis.alias_size_in_bytes),
         temporaries=int(analysis.temp_size_in_bytes),
     )
+
+
+# -- the planner: will a train step fit? -------------------------------------------------------
+
+
+def shard_bytes(shape: Any, dtype: Any, sharding: Any = None) -> int:
+    """Bytes of one device's shard of an array of ``shape`` and ``dtype`` laid out by
+    ``sharding`` (the whole array when ``sharding`` is ``None``)."""
+    shape = tuple(int(d) for d in shape)
+    if sharding is not None:
+        shape = tuple(sharding.shard_shape(shape))
+    return math.prod(shape) * int(getattr(dtype, "itemsize", 0) or np.dtype(dtype).itemsize)
+
+
+class StepPlan(NamedTuple):
+    """What :func:`plan` found for one compiled step, in bytes per device.
+
+    ``arguments``: per positional argument, the bytes of its shard on one device (from the
+    compiled program's own input shardings); ``memory``: XLA's analysis
+    (:class:`CompiledMemory`); ``peak``: ``memory.peak``, the step's footprint on a device.
+    """
+
+    arguments: tuple[int, ...]
+    memory: CompiledMemory
+
+    @property
+    def peak(self) -> int:
+        return self.memory.peak
+
+    @property
+    def other(self) -> int:
+        """``peak`` less the arguments: temporaries and outputs not written in place."""
+        return self.peak - sum(self.arguments)
+
+    def fits(self, budget_bytes: float) -> bool:
+        """Whether the peak is at most ``budget_bytes``."""
+        return self.peak <= budget_bytes
+
+
+def plan(step_fn: Any, *abstract_args: Any, donate_argnums: Any = (),
+         compiler_options: dict[str, Any] | None = None, **jit_kwargs: Any) -> StepPlan:
+    r"""Per-device memory of a train step, from XLA's analysis of the compiled program.
+
+    The step is lowered and compiled for ``abstract_args`` (``jax.ShapeDtypeStruct`` values,
+    with a ``sharding=`` where they are sharded; arrays work too) and nothing is executed or
+    allocated, so a 70B-parameter step can be planned on a laptop. The peak on one device is
+
+    .. math::
+
+       \text{peak} = \text{arguments} + \text{outputs} - \text{aliased}
+                     + \text{temporaries},
+
+    as ``Compiled.memory_analysis()`` reports them (donated arguments are aliased to the
+    outputs that reuse their buffers). With ``jax.jit``'s SPMD partitioning the compiled
+    program is one device's, so every figure is per device.
+
+    Example (the shapes alone; nothing is allocated)::
+
+        >>> import jax, jax.numpy as jnp, optstate
+        >>> tx = optstate.adamw(1e-3)
+        >>> p = {"w": jax.ShapeDtypeStruct((1024, 1024), jnp.float32)}
+        >>> s = jax.eval_shape(tx.init, p)
+        >>> def step(p, s, g):
+        ...     u, s = tx.update(g, s, p)
+        ...     return optstate.apply_updates(p, u), s
+        >>> r = optstate.memory.plan(step, p, s, p, donate_argnums=(0, 1))
+        >>> r.arguments  # params, state (mu, nu and a counter), gradients
+        (4194304, 8388612, 4194304)
+        >>> r.peak >= sum(r.arguments)
+        True
+
+    Args:
+      step_fn: the step, a plain function (then jitted here with ``donate_argnums`` and
+        ``jit_kwargs``, e.g. ``in_shardings``) or a ``jax.jit`` object (used as it is).
+      *abstract_args: its positional arguments.
+      donate_argnums: arguments whose buffers the step may reuse (parameters and state).
+      compiler_options: XLA options for this compilation only; on CPU,
+        ``{"xla_backend_optimization_level": 0}`` shortens code generation and leaves the
+        memory analysis unchanged (code generation comes after buffer assignment).
+      **jit_kwargs: more ``jax.jit`` options when ``step_fn`` is not jitted yet.
+
+    Returns:
+      A :class:`StepPlan`: per-argument bytes on one device, XLA's analysis and the peak.
+
+    Raises:
+      TypeError: ``step_fn`` is not callable.
+    """
+    if not callable(step_fn):
+        raise TypeError(f"plan: step_fn must be a function or a jax.jit object, got "
+                        f"{type(step_fn).__name__}.")
+    jitted = step_fn if hasattr(step_fn, "lower") else jax.jit(
+        step_fn, donate_argnums=donate_argnums, **jit_kwargs)
+    compiled = jitted.lower(*abstract_args).compile(compiler_options=compiler_options)
+    analysis = compiled.memory_analysis()
+    memory = CompiledMemory(
+        arguments=int(analysis.argument_size_in_bytes),
+        outputs=int(analysis.output_size_in_bytes),
+        aliased=int(analysis.alias_size_in_bytes),
+        temporaries=int(analysis.temp_size_in_bytes),
+    )
+    in_shardings, _ = compiled.input_shardings
+    per_argument = []
+    for arg, shardings in zip(abstract_args, in_shardings):
+        leaves = [x for x in jax.tree.leaves(arg) if hasattr(x, "shape")]
+        placed = jax.tree.leaves(shardings)
+        if len(placed) != len(leaves):
+            # jit leaves unused arrays (e.g. the empty scales of bf16 state) out of the
+            # program; such leaves count with their own sharding, if any
+            placed = [getattr(x, "sharding", None) for x in leaves]
+        per_argument.append(sum(shard_bytes(x.shape, x.dtype, s)
+                                for x, s in zip(leaves, placed)))
+    return StepPlan(tuple(per_argument), memory)

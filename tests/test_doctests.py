@@ -19,9 +19,12 @@ MODULES = [
     "optstate.quantization.wrapper",
     "optstate.staleness.resets",
     "optstate.wrappers.multi_steps",
+    "optstate.wrappers.compensated",
+    "optstate.staleness.measure",
     "optstate.checkpoint.saving",
     "optstate.checkpoint.restoring",
     "optstate.cli.table",
+    "optstate.planning",
 ]
 
 OPTIONS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE

@@ -29,6 +29,10 @@ ALLOWED = {
     "sharding": {"_core", "quantized-type"},
     "checkpoint": {"_core", "quantized-type"},
     "memory": {"_core", "quantized-type", "quantization"},
+    # The planner builds a whole train step: optimizers in every state format, ZeRO shardings
+    # and the compiled step's memory, so it sits above all of them (below cli only).
+    "planning": {"_core", "quantized-type", "quantization", "aliases", "wrappers", "sharding",
+                 "memory", "transforms", "schedules"},
 }
 
 

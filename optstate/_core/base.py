@@ -12,7 +12,9 @@ The shapes of these objects match Optax's exactly, so that ``flax.nnx.Optimizer`
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping, NamedTuple, Protocol
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +36,8 @@ from optstate._core.types import (
 __all__ = [
     "EmptyState", "GradientTransformation", "OptState", "Params", "PyTree", "ScalarOrSchedule",
     "Schedule", "TransformInitFn", "TransformUpdateFn", "Updates", "apply_updates", "chain",
-    "identity", "init_empty_state", "named_chain", "set_to_zero", "with_extra_args_support",
+    "identity", "init_empty_state", "named_chain", "register_fused_update", "set_to_zero",
+    "update_and_apply", "with_extra_args_support",
 ]
 
 
@@ -265,3 +268,63 @@ def apply_updates(params: Params, updates: Updates) -> Params:
         is_leaf=lambda x: x is None,
     )
 
+
+
+#: ``update`` function of a transform -> its fused ``update_and_apply`` (weak keys: a
+#: transform that is garbage collected leaves no entry behind).
+_FUSED_UPDATES: weakref.WeakKeyDictionary[Callable[..., Any], Callable[..., Any]] = (
+    weakref.WeakKeyDictionary())
+
+
+def register_fused_update(update_fn: Callable[..., Any],
+                          update_and_apply_fn: Callable[..., Any]) -> None:
+    """Registers ``update_and_apply_fn(grads, state, params, **extra_args) -> (new_params,
+    new_state)`` as the fused step of the transform whose ``update`` is ``update_fn``; it must
+    return what ``update`` followed by :func:`apply_updates` returns.
+
+    ``optstate.quantize_state`` registers its kernel path here; :func:`update_and_apply` looks
+    the transform's ``update`` up.
+    """
+    _FUSED_UPDATES[update_fn] = update_and_apply_fn
+
+
+def update_and_apply(tx: GradientTransformation, grads: Updates, state: OptState,
+                     params: Params, **extra_args: Any) -> tuple[Params, OptState]:
+    r"""One optimizer step: ``tx.update`` followed by :func:`apply_updates`, fused where ``tx``
+    allows.
+
+    .. math:: (u, S') = \mathrm{tx.update}(g, S, p), \qquad p' = \mathrm{cast}_{\mathrm{dtype}(p)}(p + u)
+
+    The result equals ``apply_updates(params, tx.update(grads, state, params)[0])`` with the
+    new state. For ``optstate.quantize_state`` on GPU and TPU, a large parameter's state and
+    value are updated by one fused kernel that reads and writes each byte once and may write
+    the parameters in place: donate ``params`` and ``state`` to the jitted step
+    (``jax.jit(step, donate_argnums=...)``). Any other transform (optstate's or Optax's) runs
+    ``update`` and ``apply_updates``.
+
+    Args:
+      tx: a gradient transformation.
+      grads: the gradients (a tree like ``params``).
+      state: ``tx``'s state.
+      params: the parameters.
+      **extra_args: passed to ``tx.update``.
+
+    Returns:
+      ``(new_params, new_state)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optstate
+      >>> tx = optstate.adamw(1e-2)
+      >>> params = {"w": jnp.ones(3)}
+      >>> params, state = optstate.update_and_apply(tx, params, tx.init(params), params)
+      >>> params["w"]
+      Array([0.98999..., 0.98999..., 0.98999...], dtype=float32)
+    """
+    check_transform(tx, "update_and_apply", name="tx")
+    fused = _FUSED_UPDATES.get(getattr(tx, "update", None)) if hasattr(tx, "update") else None
+    if fused is not None:
+        return fused(grads, state, params, **extra_args)
+    update = tx.update if hasattr(tx, "update") else tx[1]
+    updates, new_state = update(grads, state, params, **extra_args)
+    return apply_updates(params, updates), new_state

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 
-from optstate.cli import bench, compare, inspect, stall_model
+from optstate.cli import bench, compare, inspect, plan, stall_model
 
-COMMANDS = (compare, bench, stall_model, inspect)
+COMMANDS = (compare, bench, stall_model, inspect, plan)
 """The command modules, in the order ``optstate --help`` lists them."""
 
 

@@ -4,6 +4,10 @@ Writes ``results.json``, ``loss_curves.png`` and ``memory_quality.png`` into ``-
 prints a table: state bytes per parameter, peak step memory, step time relative to fp32,
 final train and held-out loss, and the held-out loss gap to fp32. The training and the files
 are :mod:`optstate.tasks`'s; this module reads the command line and prints.
+
+``optstate compare --study staleness`` runs the staleness study instead
+(:mod:`optstate.tasks.staleness_study`): where stale bf16 state hurts (least squares) and
+where it does not (the transformer), written into ``--out``/staleness.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ MAX_B2 = 0.99999
 """The largest ``--b2``: the demo trains in float32, whose spacing just below 1 (2**-24)
 rounds ``1 - b2`` by up to 0.3% at 1e-5, and by more (up to all of it) closer to 1; the
 moments and their bias correction would then silently use another decay than the one asked."""
+STUDIES = ("staleness",)
+STUDY_DIR = "staleness"
+"""``--study staleness`` writes into this subdirectory of ``--out``."""
 MAX_SEED = 2**32 - 1
 """The largest ``--seed``: JAX's keys keep the low 32 bits of a seed (with 64-bit mode off),
 so larger seeds would silently repeat smaller ones."""
@@ -81,6 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "%(default)s, a 100-step memory that fits the short runs; Adam's usual "
                         "0.999 remembers 1000 steps)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--study", choices=STUDIES, default=None,
+                        help="instead of the format comparison, run a study: 'staleness' (where "
+                        "stale bf16 state hurts: least squares at b2=0.999 with fp32, bf16 "
+                        "nearest/stochastic and resets; the transformer's stall fraction against "
+                        "the model and its second-moment drift; about 5 minutes of CPU time, 1 "
+                        f"with --quick), written into DIR/{STUDY_DIR}")
 
 
 def selected_configs(names: list[str] | None) -> list[StateConfig]:
@@ -130,6 +143,8 @@ def main(args: argparse.Namespace) -> int:
     if missing:
         return fail(NAME, f"the comparison needs {', '.join(missing)} (install them with "
                     "`pip install 'optstate[demo]'`).", 1)
+    if args.study is not None:
+        return _main_study(args)
     steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
     hyper = Hyperparameters(b2=args.b2)
     try:
@@ -141,6 +156,44 @@ def main(args: argparse.Namespace) -> int:
     if args.configs is None:
         configs = _drop_idle_resets(configs, periods, steps)
     return _run(args, configs, hyper, steps, out)
+
+
+def _main_study(args: argparse.Namespace) -> int:
+    """``--study staleness``: checks that no comparison option was given, then runs it."""
+    given = [flag for flag, value, default in (
+        ("--configs", args.configs, None), ("--steps", args.steps, None),
+        ("--b2", args.b2, Hyperparameters().b2), ("--seed", args.seed, 0)) if value != default]
+    if given:
+        verb = "does" if len(given) == 1 else "do"
+        return fail(NAME, f"{' and '.join(given)} {verb} not apply to --study {args.study} (its "
+                    "settings are fixed; --quick shortens it, --out chooses where it writes).", 2)
+    try:
+        out = prepare_out(os.path.join(args.out, STUDY_DIR))
+    except UsageError as error:
+        return fail(NAME, str(error), 2)
+    from optstate.tasks import staleness_study
+    from optstate.tasks.stdlib_text import load_corpus
+
+    try:
+        corpus = load_corpus()
+    except OSError as error:
+        return fail(NAME, str(error), 1)
+    lsq, diagnostics = staleness_study.study_configs(args.quick)
+
+    def log(line: str) -> None:
+        if not args.no_progress:
+            print(line, file=sys.stderr, flush=True)
+
+    try:
+        results, paths = staleness_study.run(corpus, out, lsq=lsq, diagnostics=diagnostics,
+                                             log=log)
+    except OSError as error:
+        return fail(NAME, f"cannot write results to --out {str(out)!r}: "
+                    f"{error.strerror or error}.", 2)
+    print(staleness_study.markdown(results))
+    print()
+    print("wrote " + ", ".join(os.fspath(p) for p in paths))
+    return 0
 
 
 def _drop_idle_resets(configs: list[StateConfig], periods: dict[str, int | None],

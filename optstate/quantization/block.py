@@ -121,6 +121,82 @@ def dequantize_2d(codes2: jax.Array, scales2: jax.Array, fmt: StorageFormat, blo
     return x2
 
 
+# -- rank-1 normalisation (Li, Chen, Zhu, NeurIPS 2023) ----------------------------------------
+
+
+def rank1_scales_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Scales of a rank-1 normalised leaf: the maxima along each axis, concatenated."""
+    return (sum(int(d) for d in shape),)
+
+
+def _rank1_normalizer(maxima: list[jax.Array], shape: tuple[int, ...]) -> jax.Array:
+    r""":math:`N_{i_1 \ldots i_k} = \min_d m^{(d)}_{i_d}`, broadcast to ``shape``."""
+    ndim = len(shape)
+    out = None
+    for d, m in enumerate(maxima):
+        view = m.reshape((1,) * d + (shape[d],) + (1,) * (ndim - d - 1))
+        out = view if out is None else jnp.minimum(out, view)
+    return jnp.broadcast_to(out, shape)
+
+
+def _split_maxima(scales: jax.Array, shape: tuple[int, ...]) -> list[jax.Array]:
+    bounds = [0]
+    for d in shape:
+        bounds.append(bounds[-1] + int(d))
+    return [scales[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def quantize_rank1(x: jax.Array, fmt: StorageFormat, nonneg: bool,
+                   u: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    r"""Codes (packed as ``fmt`` packs them) and scales of ``x`` (at least 2-D) under rank-1
+    normalisation: with :math:`m^{(d)}` the maxima of :math:`|x|` over all axes but
+    :math:`d`, each value is divided by :math:`N = \min_d m^{(d)}_{i_d}` (never below
+    :math:`|x|`, and much closer to it than a block's maximum when rows or columns differ in
+    scale) and encoded with the format's code book. Scales: the maxima, concatenated.
+
+    A "non-negative" leaf that holds a negative value is stored on the unsigned grid shifted to
+    cover [-1, 1] and says so by negated scales, as the block codec does per block.
+    """
+    shape = tuple(x.shape)
+    x = x.astype(jnp.float32)
+    magnitude = jnp.abs(x)
+    magnitude = jnp.where(magnitude < jnp.inf, magnitude, 0.0)  # NaN/inf: not in the scale
+    axes = range(len(shape))
+    maxima = [jnp.max(magnitude, axis=tuple(a for a in axes if a != d)) for d in axes]
+    norm = _rank1_normalizer(maxima, shape)
+    y = jnp.where(norm > 0, x / jnp.where(norm > 0, norm, 1.0), 0.0)
+    y = jnp.clip(jnp.where(y == y, y, 0.0), -1.0, 1.0)
+    scales = jnp.concatenate(maxima)
+    codec = fmt.codec
+    if nonneg:
+        negative = jnp.any(x < 0)
+        codes = codec.unsigned.encode(jnp.where(negative, (y + 1.0) * 0.5, y), u)
+        scales = jnp.where(negative, -scales, scales)
+    else:
+        codes = codec.signed.encode(y, u)
+    codes = fmt.pack(codes.reshape(-1, shape[-1])) if fmt.values_per_code > 1 else codes
+    return codes.reshape(fmt.codes_shape(shape)), scales
+
+
+def dequantize_rank1(codes: jax.Array, scales: jax.Array, fmt: StorageFormat,
+                     shape: tuple[int, ...], nonneg: bool) -> jax.Array:
+    """Inverse of :func:`quantize_rank1`: float32 values of ``shape``."""
+    if fmt.values_per_code > 1:
+        codes = fmt.unpack(codes.reshape(-1, codes.shape[-1]), shape[-1])
+    codes = codes.reshape(shape)
+    norm = _rank1_normalizer(_split_maxima(jnp.abs(scales), shape), shape)
+    if not nonneg:
+        return fmt.codec.signed.decode(codes) * norm
+    values = fmt.codec.unsigned.decode(codes)
+    return jnp.where(jnp.any(scales < 0), 2.0 * values - 1.0, values) * norm
+
+
+def uses_rank1(fmt: StorageFormat, shape: tuple[int, ...]) -> bool:
+    """Whether a leaf of ``shape`` in ``fmt`` is rank-1 normalised (at least 2-D; 1-D leaves
+    of a rank-1 format are stored block-wise, as in the paper)."""
+    return fmt.rank1 and len(shape) >= 2
+
+
 # -- whole arrays and chunks --------------------------------------------------------------------
 
 
@@ -188,10 +264,14 @@ def quantize_array(x: jax.Array, fmt: str | StorageFormat, *, block_size: int | 
     if not shape or math.prod(shape) == 0:
         raise ValueError(f"quantize_array: expected a non-empty array of at least one "
                          f"dimension; got shape {shape}.")
-    view = full_view(shape, block)
     u = None
     if key_data is not None:
         u = uniform_from_counter(jnp.asarray(key_data, jnp.uint32), shape)
+    if uses_rank1(fmt, shape):
+        codes, scales = quantize_rank1(x, fmt, bool(nonneg), u)
+        return QuantizedArray(codes=codes, scales=scales, fmt=fmt.name, shape=shape,
+                              dtype=jnp.dtype(x.dtype), block_size=block, nonneg=bool(nonneg))
+    view = full_view(shape, block)
     codes, scales = quantize_piece(x, fmt, view, nonneg, u)
     if fmt.blocked:
         scales = scales.reshape(block_layout(shape, block).scales_shape)
@@ -202,6 +282,10 @@ def quantize_array(x: jax.Array, fmt: str | StorageFormat, *, block_size: int | 
 
 def dequantize_array(q: QuantizedArray) -> jax.Array:
     """The logical array of ``q`` (shape ``q.shape``, dtype ``q.dtype``)."""
+    if uses_rank1(q.format, q.shape):
+        x = dequantize_rank1(jnp.asarray(q.codes), jnp.asarray(q.scales), q.format, q.shape,
+                             q.nonneg)
+        return x.astype(q.dtype)
     view = full_view(q.shape, q.block_size)
     x2 = dequantize_piece(jnp.asarray(q.codes), jnp.asarray(q.scales), q.format, view, q.nonneg)
     return x2.reshape(q.shape).astype(q.dtype)

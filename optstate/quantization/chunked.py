@@ -1,8 +1,13 @@
-"""The bounded-memory step of ``quantize_state``: one parameter at a time, in row chunks.
+"""The bounded-memory step of ``quantize_state``: one parameter at a time, in row chunks, and
+small parameters a group at a time.
 
 When the inner update is elementwise per parameter (:mod:`optstate.quantization.elementwise`),
 the new state of each large parameter is computed in chunks of whole blocks and stored in
-place, one parameter after another, so the step never holds the whole state in float32.
+place, one parameter after another; parameters under the loop's size (and those with a rank-1
+normalised leaf) are updated whole, packed into groups of at most ``chunk_elements`` values,
+one group after another. So the step never holds more than about one chunk's or one group's
+state in float32, whatever the mix of leaf sizes: its temporaries are bounded by the chunk
+size, and its peak falls with the stored state.
 
 How the step is arranged, and why (XLA on CPU, checked with its memory analysis):
 
@@ -11,8 +16,10 @@ How the step is arranged, and why (XLA on CPU, checked with its memory analysis)
   XLA fuses into ``apply_updates`` (no float32 update or moment is materialized). Computing
   ``u`` inside the chunk loop instead would materialize a float32 array per parameter.
 * The loop writes the new codes in place (the donated buffers) and reads the old ones from a
-  copy, made after the previous parameter's loop so that one copy is alive at a time
-  (:mod:`optstate.quantization.ordering`).
+  copy, made after the previous parameter's loop (or group) so that one copy is alive at a
+  time (:mod:`optstate.quantization.ordering`). The whole-tree call reads each copy only once
+  that loop or group is done, so its updates can take the buffers of donated gradients
+  (which the loop reads) instead of XLA copying every gradient up front.
 * Stochastic rounding draws from a counter-based stream (:mod:`optstate.quantization.randomness`),
   so a chunk rounds exactly as the whole leaf would.
 """
@@ -38,11 +45,12 @@ from optstate.quantization.block import (
     requantize_like,
 )
 from optstate.quantization.containment import keep_finite, keep_finite_leaves
-from optstate.quantization.ordering import copy_after, zero_from
+from optstate.quantization.ordering import copy_after, plus_zero, zero_from
 from optstate.quantization.randomness import uniform_from_counter
 
 #: Parameters with at least this many elements (or two chunks, if fewer) get their state
-#: updated by the bounded-memory loop; smaller ones are updated in one piece.
+#: updated by the row-chunk loop; smaller ones whole, in groups of at most ``chunk_elements``
+#: values updated one after another.
 MIN_LOOP_ELEMENTS = 1 << 16
 
 
@@ -168,25 +176,44 @@ def _placeholder(x: Any) -> Any:
 
 def chunked_leaves(chunk_elements: int, s_leaves: list[Any], owners: list[int | None] | None,
                     updates: Any) -> dict[int, list[int]]:
-    """Parameter index -> its state leaves, for the parameters processed in chunks."""
+    """Parameter index -> its state leaves, for the parameters whose quantized state the
+    bounded step updates: every parameter owning a quantized leaf, when the inner update is
+    elementwise per parameter (``owners`` known). Large ones go through the row-chunk loop,
+    the others in groups (:func:`loops_in_chunks`)."""
     if owners is None:
         return {}
-    u_leaves = jax.tree.leaves(updates)
     members: dict[int, list[int]] = {}
     for s, k in enumerate(owners):
         if k is not None:
             members.setdefault(k, []).append(s)
-    out = {}
-    for k, ss in members.items():
-        qs = [s_leaves[s] for s in ss if is_quantized(s_leaves[s])]
-        if not qs:
-            continue
-        if math.prod(u_leaves[k].shape) < min(2 * chunk_elements, MIN_LOOP_ELEMENTS):
-            continue
-        if len({(q.fmt, q.block_size) for q in qs}) != 1:
-            continue
-        out[k] = ss
-    return out
+    return {k: ss for k, ss in members.items() if any(is_quantized(s_leaves[s]) for s in ss)}
+
+
+def loops_in_chunks(chunk_elements: int, size: int, stored: list[Any]) -> bool:
+    """Whether a parameter of ``size`` elements whose state leaves are ``stored`` is updated
+    by the row-chunk loop (else it is updated whole, in a group): it has at least
+    ``min(2 * chunk_elements, MIN_LOOP_ELEMENTS)`` elements, one format and block size, and no
+    rank-1 normalised leaf."""
+    qs = [x for x in stored if is_quantized(x)]
+    return (size >= min(2 * chunk_elements, MIN_LOOP_ELEMENTS)
+            and len({(q.fmt, q.block_size) for q in qs}) == 1
+            # rank-1 scales span whole rows and columns: whole, in a group of its own
+            and not any(q.format.rank1 and q.ndim >= 2 for q in qs))
+
+
+def small_groups(chunk_elements: int, sizes: dict[int, int]) -> list[list[int]]:
+    """Parameters (index -> elements) packed, in index order, into groups of at most
+    ``chunk_elements`` elements (a parameter larger than that is a group of its own)."""
+    groups: list[list[int]] = []
+    total = 0
+    for k in sorted(sizes):
+        if groups and total + sizes[k] <= chunk_elements:
+            groups[-1].append(k)
+            total += sizes[k]
+        else:
+            groups.append([k])
+            total = sizes[k]
+    return groups
 
 
 def chunked_step(chunk_elements: int, inner: GradientTransformation, updates, s_leaves, s_def,
@@ -197,25 +224,35 @@ def chunked_step(chunk_elements: int, inner: GradientTransformation, updates, s_
     p_def = None if params is None else jax.tree.structure(params)
     chunked_state = {s for ss in chunked.values() for s in ss}
 
-    # 1. The new state of each chunked parameter, in row chunks of whole blocks, stored in
-    #    place, one parameter after the other; each loop also hands back the copy of the old
-    #    stored state it read from.
+    # 1. The new state of each large parameter, in row chunks of whole blocks, stored in
+    #    place, one parameter after the other, then that of the small parameters, a group of
+    #    at most ``chunk_elements`` values at a time; each loop or group also hands back the
+    #    copy of the old stored state it read from.
     read_leaves = list(s_leaves)
-    dependency = None
+    dependency: list[Any] | None = None
     loops = []
-    for k in sorted(chunked):
+    sizes = {k: math.prod(u_leaves[k].shape) for k in chunked}
+    in_loop = [k for k in sorted(chunked)
+               if loops_in_chunks(chunk_elements, sizes[k], [s_leaves[s] for s in chunked[k]])]
+    small = {k: n for k, n in sizes.items() if k not in in_loop}
+    for k in in_loop:
         members, old = _chunk_loop(chunk_elements, inner, k, chunked[k], u_leaves, u_def, p_leaves,
                                    p_def, s_leaves, s_def, extra_args, seeds, dependency)
         loops.append(members)
-        for s, value in old.items():
-            read_leaves[s] = value
-        first = members[chunked[k][0]]
-        dependency = first.codes if is_quantized(first) else first
+        dependency = _stored_arrays(members.values())
+        _read_after(read_leaves, old, dependency)
+    for group in small_groups(chunk_elements, small):
+        members, old = _group_step(inner, {k: chunked[k] for k in group}, u_leaves, u_def,
+                                   p_leaves, p_def, s_leaves, s_def, extra_args, seeds,
+                                   dependency)
+        loops.append(members)
+        dependency = _stored_arrays(members.values())
+        _read_after(read_leaves, old, dependency)
 
     # 2. One call of the inner update on the whole tree, on the old state, gives every update
-    #    and the new state of everything not processed in chunks (scalars, small leaves,
-    #    unrelated state). The chunked parameters' new state from this call is dropped (never
-    #    computed), and their updates are elementwise functions of the gradients, parameters
+    #    and the new state of everything not processed above (scalars, leaves of parameters
+    #    without quantized state, unrelated state). The new state of the parameters processed
+    #    above from this call is dropped (never computed), and their updates are elementwise functions of the gradients, parameters
     #    and dequantized codes, which XLA fuses into whatever consumes them
     #    (``apply_updates``): no float32 copy of their state or update is kept.
     u_rest = list(u_leaves)
@@ -238,6 +275,68 @@ def chunked_step(chunk_elements: int, inner: GradientTransformation, updates, s_
         for s, value in members.items():
             new_s[s] = value
     return u_def.unflatten(new_u), new_s
+
+
+def _stored_arrays(values: Any) -> list[jax.Array]:
+    """The codes of quantized leaves and plain leaves themselves, to order work after them."""
+    return [x.codes if is_quantized(x) else x for x in values]
+
+
+def _read_after(read_leaves: list[Any], old: dict[int, Any], dependency: list[jax.Array]
+                ) -> None:
+    """Makes the whole-tree call read the old stored state ``old`` only after ``dependency``
+    (the loop's or group's new state) exists: its updates are then computed after the loop
+    or group has read the gradients, so that with donated gradients XLA can write the updates
+    into the gradients' buffers instead of copying every gradient up front."""
+    zero = zero_from(dependency)
+    for s, value in old.items():
+        if is_quantized(value):
+            read_leaves[s] = dataclasses.replace(value, codes=plus_zero(value.codes, zero))
+        else:
+            read_leaves[s] = plus_zero(value, zero)
+
+
+def _group_step(inner, group, u_leaves, u_def, p_leaves, p_def, s_leaves, s_def, extra_args,
+                seeds, dependency):
+    """Runs ``inner.update`` once on the small parameters of ``group`` (parameter index -> its
+    state leaves), whole, every other array leaf passed as an empty placeholder.
+
+    The group's old stored state is copied once ``dependency`` (the previous loop's or group's
+    new state) exists, so that groups run one after another and their float32 values are
+    never all alive at once. Returns the new values of the group's state leaves (its updates
+    come from the whole-tree call) and the copy of their old values.
+    """
+    zero = None if dependency is None else zero_from(dependency)
+    old: dict[int, Any] = {}
+    for ss in group.values():
+        for s in ss:
+            x = s_leaves[s]
+            if is_quantized(x):
+                old[s] = dataclasses.replace(x, codes=copy_after(x.codes, zero),
+                                             scales=copy_after(x.scales, zero))
+            else:
+                old[s] = copy_after(x, zero)
+    u_in = [_placeholder(x) for x in u_leaves]
+    p_in = None if p_leaves is None else [_placeholder(x) for x in p_leaves]
+    s_in = [x if len(x.shape) == 0 else _placeholder(jax.ShapeDtypeStruct(x.shape, x.dtype))
+            for x in s_leaves]
+    for k, ss in group.items():
+        u_in[k] = u_leaves[k]
+        if p_in is not None:
+            p_in[k] = p_leaves[k]
+        for s in ss:
+            s_in[s] = dequantize(old[s]) if is_quantized(old[s]) else old[s]
+    _, new_s_tree = inner.update(
+        u_def.unflatten(u_in), s_def.unflatten(s_in),
+        None if p_def is None else p_def.unflatten(p_in), **extra_args)
+    new_s_flat = s_def.flatten_up_to(new_s_tree)
+    new: dict[int, Any] = {}
+    for ss in group.values():
+        kept = keep_finite([new_s_flat[s] for s in ss], [s_in[s] for s in ss])
+        for s, value in zip(ss, kept):
+            x = s_leaves[s]
+            new[s] = requantize_like(x, value, seeds[s]) if is_quantized(x) else value
+    return new, old
 
 
 def _chunk_loop(chunk_elements, inner, k, members, u_leaves, u_def, p_leaves, p_def, s_leaves, s_def,
@@ -279,7 +378,7 @@ def _chunk_loop(chunk_elements, inner, k, members, u_leaves, u_def, p_leaves, p_
     # whole-tree call reads the same copy. The copy is made after the previous parameter's
     # loop (one parameter after the other), so only about one parameter's copy is alive.
     n_stored = len(arrays0)
-    zero = None if dependency is None else zero_from([dependency])
+    zero = None if dependency is None else zero_from(dependency)
     old = [copy_after(a, zero) for a in arrays0]
     grads3 = jnp.asarray(u_leaves[k]).reshape(plain.view)
     params3 = None if p_leaves is None else jnp.asarray(p_leaves[k]).reshape(plain.view)
@@ -343,7 +442,15 @@ def _chunk_loop(chunk_elements, inner, k, members, u_leaves, u_def, p_leaves, p_
             arrays[i] = _update_rows(arrays[i], writes[i], outer, start_of(i))
         return arrays
 
+    # The remainder chunks first: read after the main loop, the gradients would be live past
+    # it, and XLA would copy them (a float32 copy of the parameter) when they are donated.
     carry = arrays0
+    if ch.rem:
+        def rem_body(outer, carry):
+            start = jnp.asarray(ch.n_main * ch.rows, jnp.int32)
+            return one_chunk(outer, start, ch.rem, True, carry)
+
+        carry = lax.fori_loop(0, ch.n_outer, rem_body, carry)
     if ch.n_main:
         def body(i, carry):
             outer = i // ch.n_main
@@ -351,12 +458,6 @@ def _chunk_loop(chunk_elements, inner, k, members, u_leaves, u_def, p_leaves, p_
             return one_chunk(outer, start, ch.rows, False, carry)
 
         carry = lax.fori_loop(0, ch.n_outer * ch.n_main, body, carry)
-    if ch.rem:
-        def rem_body(outer, carry):
-            start = jnp.asarray(ch.n_main * ch.rows, jnp.int32)
-            return one_chunk(outer, start, ch.rem, True, carry)
-
-        carry = lax.fori_loop(0, ch.n_outer, rem_body, carry)
 
     def rebuild(arrays):
         out: dict[int, Any] = {}

@@ -51,6 +51,14 @@ class StorageFormat:
       grid: the float grid the format rounds to (``None`` for code-book formats); its
         mantissa bits drive the stall model of :mod:`optstate.staleness`.
       reference: where the format comes from.
+      stall_decay: state whose per-step decay (the coefficient of its old value in its new
+        one, read off the update by :mod:`optstate.quantization.running_sums`) is at least
+        this is *stall-prone*: nearest rounding on this grid stops it moving, so
+        ``quantize_state`` stores it as its ``stalling=`` argument says (stochastic rounding
+        by default). ``1.0``: running sums only (no decay at all).
+      rank1: leaves of at least two dimensions are scaled by rank-1 normalisation (per
+        element, the smallest of the maxima along each axis: Li, Chen, Zhu 2023) instead of
+        per block; scales are the maxima along each axis, concatenated.
     """
 
     name: str
@@ -61,6 +69,8 @@ class StorageFormat:
     values_per_code: int = 1
     grid: FloatFormat | None = None
     reference: str = ""
+    stall_decay: float = 1.0
+    rank1: bool = False
 
     @property
     def quantized(self) -> bool:
@@ -134,13 +144,27 @@ FORMATS: dict[str, StorageFormat] = {f.name: f for f in (
                   reference=_DETTMERS),
     StorageFormat("int4", 4, 128,
                   CodebookCodec(codebooks.INT4_SIGNED, codebooks.INT4_UNSIGNED), "uint8",
-                  values_per_code=2, reference=_LI),
+                  values_per_code=2, reference=_LI,
+                  # 16 levels: an EMA that keeps 95% of its value per step (Lion's 0.99,
+                  # Adan's 0.98/0.99, Adam's b2) moves by less than half a level for most
+                  # elements, and nearest rounding freezes it (bench/catalogue.py: lion 108%,
+                  # adan 25% shortfall with nearest, 8% and 3% with stochastic rounding).
+                  stall_decay=0.95),
     _scaled_float("fp8_e4m3", "float8_e4m3fn"),
     _scaled_float("fp8_e5m2", "float8_e5m2"),
     StorageFormat("bf16", 16, 0, FloatCodec(FLOAT_FORMATS["bf16"], "bfloat16", "uint16"),
                   "uint16", grid=FLOAT_FORMATS["bf16"]),
     StorageFormat("fp32", 32, 0, None, None, grid=FLOAT_FORMATS["fp32"]),
 )}
+
+#: Layout variants of the formats above, used by ``quantize_state`` for some leaves (never
+#: named by users): ``int4_rank1`` is ``int4`` with rank-1 normalisation, which
+#: ``quantize_state(..., rank1=True)`` (the default for ``int4``) gives second moments.
+VARIANTS: dict[str, StorageFormat] = {
+    "int4_rank1": dataclasses.replace(FORMATS["int4"], name="int4_rank1", rank1=True),
+}
+#: The variant of each format used for rank-1 normalised leaves.
+RANK1_VARIANT: dict[str, str] = {"int4": "int4_rank1"}
 
 #: Names of every format ``quantize_state`` accepts.
 NAMES: tuple[str, ...] = tuple(FORMATS)
@@ -158,6 +182,8 @@ def get(fmt: str | StorageFormat, *, context: str = "quantize_state") -> Storage
         return fmt
     if isinstance(fmt, str) and fmt in FORMATS:
         return FORMATS[fmt]
+    if isinstance(fmt, str) and fmt in VARIANTS:
+        return VARIANTS[fmt]
     raise ValueError(f"{context}: unknown format {fmt!r}; expected one of {list(NAMES)}.")
 
 

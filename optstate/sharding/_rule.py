@@ -2,7 +2,8 @@
 
 A leaf is sharded over ``axis`` on its first dimension that divides evenly by the axis size
 and is not already taken by another mesh axis of its parameter's own sharding; otherwise it
-is replicated over ``axis``. Scalars and non-floating leaves are replicated. A state leaf is
+is replicated over ``axis``. Scalars and non-floating leaves are replicated, except integer
+codes named after a parameter of their shape (``compensated_params``' residual). A state leaf is
 matched to its parameter (key-path suffix, then shape) so that it inherits the parameter's
 tensor-parallel axes. A quantized leaf is placed as one unit, ``codes`` and ``scales`` on the
 same dimension, and only where every shard holds whole blocks.
@@ -175,6 +176,12 @@ class Matcher:
             return same[0]
         return None
 
+    def named_after(self, path: KeyPath, info: ParamInfo) -> bool:
+        """Whether ``path`` ends with the key path of the parameter ``info`` (not a match by
+        shape alone)."""
+        return any(self.by_path.get(path[len(path) - k:]) is info
+                   for k in range(1, len(path) + 1))
+
 
 # --------------------------------------------------------------------------------------------
 # Plain array leaves
@@ -205,9 +212,13 @@ def array_plan(leaf: Any, path: KeyPath, matcher: Matcher, axis: str, n: int, sh
     shape = tuple(int(d) for d in leaf.shape)
     info = matcher.match(path, shape)
     base = info.base if info is not None else (None,) * len(shape)
-    if not shard or len(shape) == 0 or not _is_floating(leaf):
+    # integer codes shaped like the parameter they are named after (compensated_params'
+    # int8/int16 residual) are per-parameter state: placed like floating state
+    placed = _is_floating(leaf) or (info is not None and info.shape == shape
+                                    and matcher.named_after(path, info))
+    if not shard or len(shape) == 0 or not placed:
         # replicated over ``axis``; a scalar or counter carries no tensor-parallel axes
-        if len(shape) == 0 or not _is_floating(leaf):
+        if len(shape) == 0 or not placed:
             base = (None,) * len(shape)
         return LeafPlan(spec(base), None, info)
     entries, dim = place(shape, base, axis, n, range(len(shape)))
@@ -256,6 +267,10 @@ def _block_split_ok(node: Any, codes_shape: tuple[int, ...], scales_shape: tuple
         return False
     if math.prod(scales_shape) == 0:  # bf16: no scales, no blocks
         return True
+    if getattr(getattr(node, "format", None), "rank1", False) and len(shape) >= 2:
+        # rank-1 normalisation: every element's scale involves a maximum over its whole
+        # row and column, so no split of the leaf holds whole "blocks": replicate it
+        return False
     block = int(getattr(node, "block_size", 0) or 0)
     last = len(scales_shape) - 1
     if d < last:

@@ -29,6 +29,7 @@ from optstate._core.types import PyTree  # noqa: F401
 from optstate.quantization.grids import FLOAT_FORMATS, FloatFormat, float_format
 from optstate.quantization.grids import FormatLike  # noqa: F401
 from optstate.staleness.measure import TrackStalenessState, stall_fraction, track_staleness
+from optstate.staleness.measure import param_stall_fraction
 from optstate.staleness.model import (
     mantissa_bits,
     precision_ratio,
@@ -52,6 +53,7 @@ __all__ = [
     "reset_period",
     "remaining_benefit",
     "stall_fraction",
+    "param_stall_fraction",
     "track_staleness",
     "TrackStalenessState",
     "round_to_format",

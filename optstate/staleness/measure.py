@@ -19,6 +19,7 @@ from optstate._core.base import GradientTransformation, with_extra_args_support
 from optstate._core.leaves import is_boxed, path_str, unbox
 from optstate._core.types import OptState, PyTree
 from optstate.quantization.array import is_quantized
+from optstate.staleness.simulate import round_to_format
 
 
 def is_state_leaf(x: Any) -> bool:
@@ -198,3 +199,71 @@ def track_staleness(inner: GradientTransformation) -> GradientTransformation:
         return new_updates, TrackStalenessState(inner_state=new_inner, stall=stall)
 
     return GradientTransformation(init, update)
+
+
+# -- parameters: updates that round away ---------------------------------------------------
+
+
+def param_stall_fraction(params: PyTree, updates: PyTree) -> dict[str, jax.Array]:
+    r"""Per parameter leaf, the share of its non-zero updates that rounding to the
+    parameter's dtype throws away: the parameters' own stall fraction.
+
+    .. math:: s_\ell = \frac{\#\{i : u_i \ne 0,\ \mathrm{rd}(p_i + u_i) = p_i\}}
+        {\#\{i : u_i \ne 0\}}
+
+    with :math:`\mathrm{rd}` rounding to nearest in the parameter's dtype, what
+    ``apply_updates`` does. For bf16 parameters every update smaller than half a bf16 step
+    (:math:`2^{-8} |p|`) stalls: when this fraction nears 1 the weights have stopped
+    learning, and ``optstate.compensated_params`` (which keeps the lost bits as state) is the
+    cure. Float32 parameters give (nearly) 0. Leaves with no non-zero update give 0; integer
+    and ``None`` leaves are skipped. Jittable; the rounding is explicit, so XLA's excess
+    precision cannot hide it.
+
+    Args:
+      params: the parameters before the step.
+      updates: the step's updates (a tree like ``params``).
+
+    Returns:
+      ``{jax.tree_util.keystr(path): float32 scalar}`` in leaf order.
+
+    Raises:
+      ValueError: ``updates`` does not match ``params`` (the message names the leaf).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optstate import staleness
+      >>> params = {"w": jnp.array([1.0, 1.0, 0.001], jnp.bfloat16)}
+      >>> updates = {"w": jnp.array([1e-3, 0.0, 1e-3])}
+      >>> staleness.param_stall_fraction(params, updates)
+      {"['w']": Array(0.5, dtype=float32)}
+
+    Reference: Zamirai et al., "Revisiting BFloat16 Training", arXiv 2010.06192, 2020 (bf16
+    weight updates lost to rounding).
+    """
+    p_flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0]
+    u_flat = jax.tree_util.tree_flatten_with_path(updates, is_leaf=lambda x: x is None)[0]
+    if [p for p, _ in p_flat] != [p for p, _ in u_flat]:
+        raise ValueError(
+            f"param_stall_fraction: updates do not have the structure of params (params "
+            f"leaves {[path_str(p) for p, _ in p_flat][:5]}, updates leaves "
+            f"{[path_str(p) for p, _ in u_flat][:5]}).")
+    out: dict[str, jax.Array] = {}
+    for (path, p), (_, u) in zip(p_flat, u_flat):
+        if p is None or u is None or not _is_measured(p):
+            continue
+        name = path_str(path)
+        if jnp.shape(u) != jnp.shape(p):
+            raise ValueError(f"param_stall_fraction: update {name} has shape {jnp.shape(u)}; "
+                             f"expected {jnp.shape(p)} as the parameter.")
+        p = jnp.asarray(unbox(p))
+        u = jnp.asarray(unbox(u))
+        if jnp.finfo(p.dtype).bits >= 32:
+            same = (p + u).astype(p.dtype) == p
+        else:
+            p32 = p.astype(jnp.float32)
+            same = round_to_format(p32 + u.astype(jnp.float32), p.dtype) == p32
+        moved = u != 0
+        stalled = jnp.sum(moved & same, dtype=jnp.int32).astype(jnp.float32)
+        total = jnp.sum(moved, dtype=jnp.int32).astype(jnp.float32)
+        out[name] = jnp.where(total > 0, stalled / jnp.maximum(total, 1.0), 0.0)
+    return out

@@ -40,9 +40,9 @@ class TrainConfig:
     """
 
     steps: int = 400
-    batch_size: int = 16
+    batch_size: int = 8
     seed: int = 0
-    eval_batches: int = 8
+    eval_batches: int = 16
     eval_points: int = 4
     model: ModelConfig = field(default_factory=ModelConfig)
 

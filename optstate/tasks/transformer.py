@@ -1,8 +1,11 @@
 """A small decoder-only transformer in Flax NNX (pre-norm, learned positions, causal attention).
 
-Every weight matrix has at least ``d_model * 32`` elements, so with the default sizes all of
-them are above ``quantize_state``'s ``min_size=4096`` and get quantized state; biases and
-layer norms (a few hundred elements each) keep fp32 state.
+The default sizes (``d_model`` 256, two blocks, 1.7M parameters) give weight matrices of 16K
+to 262K elements, the leaf sizes of real layers rather than of a toy, so that the optimizer
+state is a sizeable part of the train step's memory; every matrix is above
+``quantize_state``'s ``min_size=4096`` and gets quantized state, while biases and layer norms
+(256 to 1024 elements each) keep fp32 state. Short windows (64 bytes) keep the activations,
+and the compute, small enough for a demo on two CPU cores.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ class ModelConfig:
     """
 
     vocab_size: int = 256
-    seq_len: int = 128
-    d_model: int = 128
+    seq_len: int = 64
+    d_model: int = 256
     num_heads: int = 4
     num_layers: int = 2
     mlp_ratio: int = 4

@@ -81,6 +81,9 @@ def test_fp32_figures_match_independent_counts(quick_run):
     # The donated step holds params + state + the batch as arguments, aliased into outputs.
     assert fp32["step_memory"]["arguments"] >= 4 * count + fp32["state_bytes"]
     assert fp32["step_memory"]["aliased"] >= 4 * count + 8 * count
+    # The update alone: the gradients and the state are donated (they die at the update in a
+    # train step), so the updates take the gradients' buffers and the new state the old one's.
+    assert fp32["update_memory"]["aliased"] >= 4 * count + 8 * count
 
 
 @pytest.mark.skipif(QUANTIZED is None, reason="optstate.quantize_state not available")
@@ -275,3 +278,46 @@ def test_largest_b2_reaches_training_at_once(monkeypatch, tmp_path, capsys):
     assert reset_period("bf16", 0.99999) > 300
     assert not any(name.endswith("+reset") for name in reached["configs"])
     assert "skipping bf16+reset" in capsys.readouterr().err
+
+
+# --- --study staleness -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--configs", "int8"], "--configs does not apply"),
+    (["--steps", "10", "--b2", "0.9"], "--steps and --b2 do not apply"),
+    (["--seed", "3"], "--seed does not apply"),
+])
+def test_study_rejects_the_comparisons_options(tmp_path, capsys, argv, named):
+    code = main(["compare", "--study", "staleness", *argv, "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("optstate compare: error:") and err.count("\n") == 1
+    assert named in err and "--study staleness" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_study_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["compare", "--study", "nope"])
+    assert info.value.code == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_study_writes_into_its_subdirectory_and_prints_the_tables(monkeypatch, tmp_path,
+                                                                   capsys):
+    from optstate.tasks import staleness_study
+
+    seen = {}
+
+    def fake_run(corpus, out, *, lsq, diagnostics, log):
+        seen.update(out=out, lsq=lsq, diagnostics=diagnostics)
+        return {"fake": True}, [out / staleness_study.STUDY_MD]
+
+    monkeypatch.setattr(staleness_study, "run", fake_run)
+    monkeypatch.setattr(staleness_study, "markdown", lambda results: "THE TABLES")
+    assert main(["compare", "--study", "staleness", "--quick", "--out", str(tmp_path)]) == 0
+    assert seen["out"] == tmp_path / "staleness" and seen["out"].is_dir()
+    assert (seen["lsq"], seen["diagnostics"]) == staleness_study.study_configs(quick=True)
+    out = capsys.readouterr().out
+    assert "THE TABLES" in out and str(tmp_path / "staleness" / "staleness.md") in out

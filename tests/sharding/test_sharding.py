@@ -546,13 +546,14 @@ def _local_dequantized(q):
     for shard in q.codes.addressable_shards:
         codes = shard.data
         local_shape = list(codes.shape)
-        if q.fmt == "int4":  # packed last axis: logical length from the split factor
+        packed = q.format.values_per_code > 1
+        if packed:  # packed last axis: logical length from the split factor
             k = q.codes.shape[-1] // codes.shape[-1]
             local_shape[-1] = q.shape[-1] // k
         local = QuantizedArray(codes, scales_by_device[shard.device], fmt=q.fmt,
                                shape=tuple(local_shape), dtype=q.dtype,
                                block_size=q.block_size, nonneg=q.nonneg)
-        index = shard.index if q.fmt != "int4" else shard.index[:-1] + (
+        index = shard.index if not packed else shard.index[:-1] + (
             slice(None) if shard.index[-1] == slice(None) else slice(
                 shard.index[-1].start * 2, shard.index[-1].stop * 2),)
         out.append((index, np.asarray(dequantize_jit(local)), shard.device))
@@ -588,6 +589,11 @@ def test_quantized_blocks_never_straddle_a_shard(fmt):
             split.add(path.split("'")[-2])
     if fmt == "bf16":  # a plain cast, no blocks: every leaf splits like an fp32 one
         assert split == set(shapes), split
+    elif fmt == "int4":
+        # int4 second moments of >= 2 axes use rank-1 normalisation (row and column maxima
+        # over the whole leaf): they stay replicated; the 1-D ones are block-wise
+        assert all(x.fmt == "int4_rank1" for p, x in nodes if len(x.shape) >= 2)
+        assert split == {"flat"}, split
     else:
         assert split == {"rows", "flat", "grouped", "deep"}, split
 

@@ -135,6 +135,8 @@ def test_default_model_matrices_are_large_enough_to_quantize():
     matrices = [leaf for leaf in jax.tree.leaves(params) if leaf.ndim == 2]
     assert len(matrices) >= 10
     assert min(m.size for m in matrices) >= task_configs.Hyperparameters().min_size
+    # leaves of real layers (d_model 256: 16K to 262K values), where the state matters
+    assert ModelConfig().d_model >= 256 and max(m.size for m in matrices) >= 2**18
 
 
 def test_different_seeds_give_different_initial_parameters():
