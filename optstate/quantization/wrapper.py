@@ -542,6 +542,9 @@ def _quantize_leaf(value: Any, fmt: StorageFormat, block: int, nonneg: bool) -> 
     mode with the codes typed like the leaf (the last axis unsplit for packed codes) and
     the scales replicated (``init``'s ``out_shardings`` places them)."""
     def quantize(v):
+        # A fresh state is usually constant (zeros): under ``jit`` XLA would otherwise fold
+        # its whole quantization at compile time, taking minutes for large leaves.
+        v = jax.lax.optimization_barrier(v)
         return quantize_array(v, fmt, block_size=block or None, nonneg=nonneg)
 
     spec = _explicit_spec(value)
