@@ -17,6 +17,9 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 STEPS = 40
 #: The Optax-parity tolerance: optstate's and Optax's float32 arithmetic may differ in the
@@ -193,3 +197,66 @@ def worker_env(devices: int) -> dict[str, str]:
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     env["PYTHONPATH"] = os.pathsep.join([root] + env.get("PYTHONPATH", "").split(os.pathsep))
     return env
+
+
+class Workers:
+    """The processes of one ``jax.distributed`` job on 127.0.0.1 (``processes`` copies of a
+    worker script, each with ``local_devices`` emulated CPU devices and its output in a log
+    file). Use as a context manager: on exit, any process still running is killed and the logs
+    are closed, so no test leaves a worker behind.
+
+    Each worker is started as ``python SCRIPT --process-id I --num-processes N --coordinator
+    HOST:PORT --local-devices D *args``.
+    """
+
+    def __init__(self, script: str | os.PathLike, args: list[str], *, processes: int,
+                 local_devices: int, log_dir: Path, name: str = "worker") -> None:
+        coordinator = f"127.0.0.1:{free_port()}"
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Any] = []
+        for pid in range(processes):
+            log = open(Path(log_dir) / f"{name}{pid}.log", "w+")  # noqa: SIM115 (closed in exit)
+            self.logs.append(log)
+            self.procs.append(subprocess.Popen(
+                [sys.executable, str(script), "--process-id", str(pid), "--num-processes",
+                 str(processes), "--coordinator", coordinator, "--local-devices",
+                 str(local_devices), *args],
+                env=worker_env(local_devices), stdout=log, stderr=subprocess.STDOUT))
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+        for log in self.logs:
+            log.close()
+
+    def tail(self, pid: int, lines: int = 60) -> str:
+        """The last ``lines`` of worker ``pid``'s output, without absl's I/W log lines."""
+        log = self.logs[pid]
+        log.flush()
+        log.seek(0)
+        return "".join(line for line in log.readlines()[-lines:]
+                       if not line.startswith(("I1", "W1")))
+
+    def wait(self, timeout_s: float) -> None:
+        """Waits until every worker has exited with status 0; fails the test at once when one
+        exits otherwise, or after ``timeout_s`` seconds, showing that worker's output."""
+        deadline = time.monotonic() + timeout_s
+        while any(p.poll() is None for p in self.procs):
+            failed = [pid for pid, p in enumerate(self.procs) if p.poll() not in (None, 0)]
+            if failed:
+                pid = failed[0]
+                pytest.fail(f"worker {pid} exited with {self.procs[pid].returncode}:\n"
+                            f"{self.tail(pid)}")
+            if time.monotonic() > deadline:
+                pid = next(pid for pid, p in enumerate(self.procs) if p.poll() is None)
+                pytest.fail(f"worker {pid} did not finish within {timeout_s} s:\n"
+                            f"{self.tail(pid)}")
+            time.sleep(0.2)
+        for pid, proc in enumerate(self.procs):
+            if proc.returncode != 0:
+                pytest.fail(f"worker {pid} exited with {proc.returncode}:\n{self.tail(pid)}")

@@ -111,18 +111,25 @@ _ROUNDINGS: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextV
 
 
 @contextlib.contextmanager
-def recording_roundings() -> Iterator[dict[str, str]]:
+def recording_into(var: contextvars.ContextVar) -> Iterator[dict[str, str]]:
+    """A fresh dict as ``var``'s value while active, for ``quantize_state`` to record per-leaf
+    facts into. Local to the calling context (a ``contextvars`` variable): nothing
+    process-wide changes."""
+    record: dict[str, str] = {}
+    token = var.set(record)
+    try:
+        yield record
+    finally:
+        var.reset(token)
+
+
+def recording_roundings() -> contextlib.AbstractContextManager[dict[str, str]]:
     """Records, while active, how ``quantize_state`` updates traced or run in this context
     round each quantized leaf (and which leaves it keeps in float32 because they are
     stall-prone): ``{path in the inner state: "nearest" | "stochastic" |
     "stochastic: running sum" | "stochastic: decay 0.99" | "fp32: running sum"}``.
     ``optstate.memory.describe(state, tx=tx)`` shows it."""
-    record: dict[str, str] = {}
-    token = _ROUNDINGS.set(record)
-    try:
-        yield record
-    finally:
-        _ROUNDINGS.reset(token)
+    return recording_into(_ROUNDINGS)
 
 
 def step_seeds(cfg: Any, inner: GradientTransformation, updates: Any, state: Any,

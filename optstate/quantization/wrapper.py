@@ -19,7 +19,7 @@ import dataclasses
 import math
 import re
 import warnings
-from typing import Any, Collection, Iterator, NamedTuple, Sequence
+from typing import Any, Collection, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +41,8 @@ from optstate.quantization.chunked import MIN_LOOP_ELEMENTS, chunked_leaves, chu
 from optstate.quantization.containment import keep_finite_leaves
 from optstate.quantization.elementwise import Analysis, elementwise_owners
 from optstate.quantization.formats import StorageFormat
-from optstate.quantization.policy import (kept_in_fp32, leaf_format, loop_owners, step_seeds,
-                                          unlooped)
+from optstate.quantization.policy import (kept_in_fp32, leaf_format, loop_owners,
+                                          recording_into, step_seeds, unlooped)
 
 #: State field names whose leaves are non-negative (second moments and other accumulators of
 #: squares), stored on an unsigned, zero-free grid. They match the NamedTuple fields of
@@ -204,20 +204,14 @@ RANK1_WHOLE = ("rank-1 normalisation (scales are maxima over whole rows and colu
                "one parameter at a time")
 
 
-@contextlib.contextmanager
-def recording_update_paths() -> Iterator[dict[str, str]]:
+def recording_update_paths() -> contextlib.AbstractContextManager[dict[str, str]]:
     """Records, while active, the step each quantized leaf takes in ``quantize_state`` updates
     traced or run in this context: ``{path in the inner state: "chunked" or "whole: why"}``.
 
     Local to the calling context (a ``contextvars`` variable): nothing process-wide changes.
     ``optstate.memory.describe(state, tx=tx)`` uses it.
     """
-    record: dict[str, str] = {}
-    token = _UPDATE_PATHS.set(record)
-    try:
-        yield record
-    finally:
-        _UPDATE_PATHS.reset(token)
+    return recording_into(_UPDATE_PATHS)
 
 
 def _record_paths(inner_state: Any, s_leaves: list[Any], chunked: dict[int, list[int]],

@@ -31,54 +31,19 @@ TIMEOUT_S = 240  # per worker launch (imports and compiles on a loaded 2-core ma
 LOOP_TIMEOUT_S = 10  # checkpoint timeout of the survivor in the kill test
 
 
-def _start(directory: Path, mode: str, logs: list) -> list[subprocess.Popen]:
-    coordinator = f"127.0.0.1:{helpers.free_port()}"
-    procs = []
-    for pid in range(PROCESSES):
-        log = open(directory.parent / f"{mode}{pid}.log", "w+")
-        logs.append(log)
-        procs.append(subprocess.Popen(
-            [sys.executable, str(WORKER), "--process-id", str(pid), "--num-processes",
-             str(PROCESSES), "--coordinator", coordinator, "--local-devices",
-             str(LOCAL_DEVICES), "--dir", str(directory), "--mode", mode,
-             "--timeout", str(LOOP_TIMEOUT_S)],
-            env=helpers.worker_env(LOCAL_DEVICES), stdout=log, stderr=subprocess.STDOUT))
-    return procs
-
-
-def _tail(log) -> str:
-    log.flush()
-    log.seek(0)
-    return "".join(line for line in log.readlines()[-60:] if not line.startswith(("I1", "W1")))
-
-
-def _stop(procs: list[subprocess.Popen], logs: list) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-    for log in logs:
-        log.close()
+def _start(directory: Path, mode: str) -> helpers.Workers:
+    return helpers.Workers(WORKER, ["--dir", str(directory), "--mode", mode, "--timeout",
+                                    str(LOOP_TIMEOUT_S)],
+                           processes=PROCESSES, local_devices=LOCAL_DEVICES,
+                           log_dir=directory.parent, name=mode)
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> Path:
     """Steps 3 and 5 of stage-1 int8 AdamW (stochastic rounding), saved by 2 processes."""
     directory = tmp_path_factory.mktemp("two_process") / "ckpt"
-    logs: list = []
-    procs = _start(directory, "train", logs)
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while any(p.poll() is None for p in procs):
-            failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
-            if failed:
-                pytest.fail(f"worker {failed[0]} exited with {procs[failed[0]].returncode}:\n"
-                            f"{_tail(logs[failed[0]])}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"workers did not finish within {TIMEOUT_S} s:\n{_tail(logs[0])}")
-            time.sleep(0.2)
-    finally:
-        _stop(procs, logs)
+    with _start(directory, "train") as workers:
+        workers.wait(TIMEOUT_S)
     return directory
 
 
@@ -139,13 +104,12 @@ def test_losing_one_process_during_saves_bounds_the_survivor(tmp_path, how):
     process 0 reports a CheckpointError within its timeout (10 s here) instead of waiting at
     a barrier for minutes, and every visible step restores bit for bit."""
     directory = tmp_path / "ckpt"
-    logs: list = []
-    procs = _start(directory, "loop", logs)
-    try:
+    with _start(directory, "loop") as workers:
+        procs = workers.procs
         deadline = time.monotonic() + TIMEOUT_S
-        while "committed 2" not in _tail(logs[0]):
+        while "committed 2" not in workers.tail(0):
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                pytest.fail(f"the save loop did not reach step 2:\n{_tail(logs[0])}")
+                pytest.fail(f"the save loop did not reach step 2:\n{workers.tail(0)}")
             time.sleep(0.1)
         time.sleep(0.3)  # somewhere in a later save
         os.kill(procs[1].pid, getattr(signal, how))
@@ -154,11 +118,9 @@ def test_losing_one_process_during_saves_bounds_the_survivor(tmp_path, how):
             code = procs[0].wait(timeout=LOOP_TIMEOUT_S + 60)
         except subprocess.TimeoutExpired:
             pytest.fail(f"the survivor still waits {LOOP_TIMEOUT_S + 60} s after the kill:\n"
-                        f"{_tail(logs[0])}")
+                        f"{workers.tail(0)}")
         waited = time.monotonic() - killed_at
-        out = _tail(logs[0])
-    finally:
-        _stop(procs, logs)
+        out = workers.tail(0)
     errors = [line for line in out.splitlines() if "CheckpointError:" in line]
     assert code == 3 and errors, out
     assert "step" in errors[0] and str(directory) in errors[0]

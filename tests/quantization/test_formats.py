@@ -48,7 +48,7 @@ def test_dtype_format_names():
     assert formats.dtype_format_name(jnp.int32) == "int32"
 
 
-@settings(deadline=None, max_examples=20)
+@settings(deadline=None, max_examples=12)
 @given(st.sampled_from(formats.QUANTIZED_NAMES), st.integers(1, 3), st.integers(1, 300),
        st.integers(0, 2**31 - 1))
 def test_requantizing_a_stored_array_is_the_identity(name, rows, cols, seed):
@@ -78,7 +78,7 @@ def test_a_new_format_is_one_registry_entry(monkeypatch):
     assert "int8_b64" in str(optstate.memory.describe(state))
 
 
-@settings(deadline=None, max_examples=30)
+@settings(deadline=None, max_examples=16)
 @given(st.sampled_from(formats.QUANTIZED_NAMES), st.integers(1, 128), st.integers(0, 2**31 - 1),
        st.floats(0.0, 1.0))
 def test_non_negative_grid_never_changes_a_sign(name, cols, seed, negative_share):

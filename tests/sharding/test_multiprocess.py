@@ -8,9 +8,6 @@ time and killed in a ``finally``.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,50 +23,12 @@ TIMEOUT_S = 240
 
 
 def run_workers(out: Path) -> list[dict[str, np.ndarray]]:
-    env = helpers.worker_env(LOCAL_DEVICES)
-    coordinator = f"127.0.0.1:{helpers.free_port()}"
-    procs: list[subprocess.Popen] = []
-    logs = []
-    try:
-        for pid in range(PROCESSES):
-            log = open(out.parent / f"worker{pid}.log", "w+")
-            logs.append(log)
-            procs.append(subprocess.Popen(
-                [sys.executable, str(WORKER), "--process-id", str(pid), "--num-processes",
-                 str(PROCESSES), "--coordinator", coordinator, "--local-devices",
-                 str(LOCAL_DEVICES), "--out", str(out)],
-                env=env, stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + TIMEOUT_S
-        while any(p.poll() is None for p in procs):  # stop early if any worker fails
-            failed = [pid for pid, p in enumerate(procs) if p.poll() not in (None, 0)]
-            if failed:
-                pid = failed[0]
-                pytest.fail(f"worker {pid} exited with {procs[pid].returncode}:\n"
-                            f"{_tail(logs[pid])}")
-            if time.monotonic() > deadline:
-                pid = next(pid for pid, p in enumerate(procs) if p.poll() is None)
-                pytest.fail(f"worker {pid} did not finish within {TIMEOUT_S} s:\n"
-                            f"{_tail(logs[pid])}")
-            time.sleep(0.2)
-        for pid, proc in enumerate(procs):
-            if proc.returncode != 0:
-                pytest.fail(f"worker {pid} exited with {proc.returncode}:\n{_tail(logs[pid])}")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
-        for log in logs:
-            log.close()
+    with helpers.Workers(WORKER, ["--out", str(out)], processes=PROCESSES,
+                         local_devices=LOCAL_DEVICES, log_dir=out.parent) as workers:
+        workers.wait(TIMEOUT_S)
     paths = [out] + [Path(str(out).replace(".npz", f".p{pid}.npz"))
                      for pid in range(1, PROCESSES)]
     return [dict(np.load(p)) for p in paths]
-
-
-def _tail(log) -> str:
-    log.flush()
-    log.seek(0)
-    return "".join(log.readlines()[-40:])
 
 
 @pytest.mark.timeout(TIMEOUT_S + 120)

@@ -357,57 +357,20 @@ def test_checkpoint_resume_is_exact(tmp_path):
 PROCESSES, LOCAL_DEVICES, WORKER_TIMEOUT_S = 2, 4, 240
 
 
-def _tail(log) -> str:
-    log.flush()
-    log.seek(0)
-    return "".join(line for line in log.readlines()[-40:] if not line.startswith(("I1", "W1")))
-
-
 @pytest.mark.timeout(WORKER_TIMEOUT_S + 120)
 def test_two_processes_equal_one(tmp_path):
     """ZeRO-3, bf16 parameters, int8 moments and int8 residual: 2 processes x 4 devices
     (jax.distributed, gloo) end bit for bit where 1 process x 8 devices does. Each worker is
     bounded in time and killed in a ``finally``."""
-    import subprocess
-    import sys
-    import time
     from pathlib import Path
 
     from tests.wrappers import _compensated_worker as worker
 
-    script = Path(worker.__file__)
     out = tmp_path / "result.npz"
-    coordinator = f"127.0.0.1:{helpers.free_port()}"
-    procs, logs = [], []
-    try:
-        for pid in range(PROCESSES):
-            log = open(tmp_path / f"worker{pid}.log", "w+")  # noqa: SIM115 (closed below)
-            logs.append(log)
-            procs.append(subprocess.Popen(
-                [sys.executable, str(script), "--process-id", str(pid), "--num-processes",
-                 str(PROCESSES), "--coordinator", coordinator, "--local-devices",
-                 str(LOCAL_DEVICES), "--out", str(out)],
-                env=helpers.worker_env(LOCAL_DEVICES), stdout=log, stderr=subprocess.STDOUT))
+    with helpers.Workers(Path(worker.__file__), ["--out", str(out)], processes=PROCESSES,
+                         local_devices=LOCAL_DEVICES, log_dir=tmp_path) as workers:
         reference = worker.train()  # meanwhile, 1 process x 8 devices (conftest)
-        deadline = time.monotonic() + WORKER_TIMEOUT_S
-        while any(p.poll() is None for p in procs):
-            failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
-            if failed:
-                pytest.fail(f"worker {failed[0]} exited with {procs[failed[0]].returncode}:\n"
-                            f"{_tail(logs[failed[0]])}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"workers did not finish within {WORKER_TIMEOUT_S} s:\n"
-                            f"{_tail(logs[0])}")
-            time.sleep(0.2)
-        for pid, proc in enumerate(procs):
-            assert proc.returncode == 0, f"worker {pid}:\n{_tail(logs[pid])}"
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
-        for log in logs:
-            log.close()
+        workers.wait(WORKER_TIMEOUT_S)
     assert np.any(reference["residual_w"] != 0)
     for pid in range(PROCESSES):
         got = dict(np.load(str(out).replace(".npz", f".p{pid}.npz")))
