@@ -20,13 +20,14 @@ onto all its devices with stage-1 shardings and checks the bytes and the next tw
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from typing import Any
 
 import numpy as np
+
+from tests import _distributed
 
 SAVE_AT, STOP = 3, 5
 
@@ -200,24 +201,13 @@ def loop(directory: str, timeout: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--process-id", type=int, required=True)
-    parser.add_argument("--num-processes", type=int, required=True)
-    parser.add_argument("--coordinator", required=True)
-    parser.add_argument("--local-devices", type=int, required=True)
+    parser = _distributed.worker_parser(__doc__)
     parser.add_argument("--dir", required=True)
     parser.add_argument("--mode", choices=("train", "loop"), required=True)
     parser.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args(argv)
 
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.local_devices}"
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    import jax
-
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=args.coordinator,
-                               num_processes=args.num_processes, process_id=args.process_id,
-                               initialization_timeout=120)
+    jax = _distributed.join(args)
     if args.mode == "loop":
         return loop(args.dir, args.timeout)
     try:

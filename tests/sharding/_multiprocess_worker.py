@@ -10,12 +10,12 @@ in a single process over all its local devices to give the reference.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from typing import Any
 
 import numpy as np
+
+from tests import _distributed
 
 STEPS = 5
 STAGES = (1, 3)
@@ -148,23 +148,11 @@ def run_all() -> dict[str, np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--process-id", type=int, required=True)
-    parser.add_argument("--num-processes", type=int, required=True)
-    parser.add_argument("--coordinator", required=True, help="host:port of process 0")
-    parser.add_argument("--local-devices", type=int, required=True)
+    parser = _distributed.worker_parser(__doc__)
     parser.add_argument("--out", required=True, help=".npz written by process 0")
     args = parser.parse_args(argv)
 
-    os.environ["XLA_FLAGS"] = (
-        f"--xla_force_host_platform_device_count={args.local_devices}")
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    import jax
-
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=args.coordinator,
-                               num_processes=args.num_processes, process_id=args.process_id,
-                               initialization_timeout=120)
+    jax = _distributed.join(args)
     try:
         expected = args.num_processes * args.local_devices
         if jax.device_count() != expected or jax.local_device_count() != args.local_devices:

@@ -8,13 +8,13 @@ process over 8 devices gives the reference.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import os
 import sys
 from typing import Any
 
 import numpy as np
+
+from tests import _distributed
 
 STEPS = 3
 
@@ -93,22 +93,11 @@ def train() -> dict[str, np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--process-id", type=int, required=True)
-    parser.add_argument("--num-processes", type=int, required=True)
-    parser.add_argument("--coordinator", required=True, help="host:port of process 0")
-    parser.add_argument("--local-devices", type=int, required=True)
+    parser = _distributed.worker_parser(__doc__)
     parser.add_argument("--out", required=True, help=".npz, one per process (suffix .pN)")
     args = parser.parse_args(argv)
 
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.local_devices}"
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    import jax
-
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=args.coordinator,
-                               num_processes=args.num_processes, process_id=args.process_id,
-                               initialization_timeout=120)
+    jax = _distributed.join(args)
     try:
         result = train()
         np.savez(args.out.replace(".npz", f".p{args.process_id}.npz"), **result)
