@@ -62,9 +62,10 @@ def bench_bytes() -> None:
 
 
 def _donated_step(tx):
+    # update_and_apply: tx.update + apply_updates, fused where tx allows (any Optax transform
+    # runs exactly those two)
     def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optstate.apply_updates(params, updates), state
+        return optstate.update_and_apply(tx, grads, state, params)
 
     return step
 
@@ -182,7 +183,7 @@ def bench_task(steps: int = 400) -> None:
         graphdef, params = init_model(config.model, seed)
         params = jax.tree.map(lambda x, dtype=dtype: x.astype(dtype), params)
         tx = make()
-        step = make_train_step(graphdef, tx, optstate.apply_updates)
+        step = make_train_step(graphdef, tx, optstate.update_and_apply)
         start = time.perf_counter()
         result = run_training(corpus, config, step, make_eval_fn(graphdef), params,
                               tx.init(params))

@@ -72,11 +72,12 @@ def bench_memory(leaves: int = 8, side: int = 1024, chunk_elements: int | None =
     params = {f"w{i}": jax.ShapeDtypeStruct((side, side), jnp.float32) for i in range(leaves)}
     n = leaves * side * side
 
-    def peak(tx):
+    def peak(tx, apply=False):
         state = jax.eval_shape(tx.init, params)
+        step = _apply_step(tx) if apply else _donated_step(tx)
         with warnings.catch_warnings():  # the gradients' buffers cannot be reused: expected
             warnings.simplefilter("ignore")
-            jitted = jax.jit(_donated_step(tx), donate_argnums=(0, 1, 2))
+            jitted = jax.jit(step, donate_argnums=(0, 1, 2))
             return compiled_memory(jitted, params, state, params)
 
     base = peak(optax.adamw(1e-3))
@@ -85,18 +86,20 @@ def bench_memory(leaves: int = 8, side: int = 1024, chunk_elements: int | None =
     print(f"  optax fp32 {base.peak / n:6.2f} B/param (temporaries {base.temporaries / n:.3f})")
     for fmt in FORMATS:
         extra = {} if chunk_elements is None else {"chunk_elements": chunk_elements}
-        m = peak(optstate.quantize_state(optax.adamw(1e-3), fmt, **extra))
-        print(f"  {fmt:9s}  {m.peak / n:6.2f} B/param (temporaries {m.temporaries / n:.3f})"
-              f"  ratio {m.peak / base.peak:.3f}")
+        tx = optstate.quantize_state(optax.adamw(1e-3), fmt, **extra)
+        for label, apply in ((fmt, False), (f"{fmt} apply", True)):  # apply: update_and_apply
+            m = peak(tx, apply)
+            print(f"  {label:15s} {m.peak / n:6.2f} B/param (temporaries "
+                  f"{m.temporaries / n:.3f})  ratio {m.peak / base.peak:.3f}")
 
 
 def bench_task_update_memory(formats: tuple[str, ...] = ("int8", "int4")) -> None:
     """The ``update peak`` column of ``optstate compare``: XLA's memory analysis of the
-    embedded task's optimizer update alone (``optstate.tasks.compare.update_memory``: gradients
-    and state donated), AdamW as ``optstate compare`` builds it, on the default model's
-    parameters (many leaves of 16K-260K values, plus small fp32-state ones). The floor is what
-    no update can go below: its arguments (gradients, parameters, state) and its updates in
-    the gradients' buffers."""
+    embedded task's optimizer update alone (``optstate.tasks.compare.update_memory``:
+    ``update_and_apply`` with gradients, state and parameters donated), AdamW as ``optstate
+    compare`` builds it, on the default model's parameters (many leaves of 16K-260K values,
+    plus small fp32-state ones). The floor is what no update can go below: its arguments
+    (gradients, parameters, state)."""
     from optstate.tasks.compare import update_memory
     from optstate.tasks.configs import Hyperparameters, build_optimizer, parse_config
     from optstate.tasks.training import init_model, num_params
@@ -118,7 +121,7 @@ def bench_task_update_memory(formats: tuple[str, ...] = ("int8", "int4")) -> Non
           f"{base['temporaries'] / 2**20:.2f})")
     for fmt in formats:
         m, nbytes = measure(fmt)
-        floor = 8 * n + nbytes  # gradients (taken by the updates) and parameters, plus state
+        floor = 8 * n + nbytes  # gradients and parameters, plus state
         print(f"  {fmt:9s}  {m['peak'] / 2**20:6.2f} MiB (temporaries "
               f"{m['temporaries'] / 2**20:.2f})  ratio {m['peak'] / base['peak']:.3f}  "
               f"floor {floor / base['peak']:.3f}")

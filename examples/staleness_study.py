@@ -276,7 +276,7 @@ def task_runs(
             if config.name not in compiled:
                 tx = build_optimizer(config, hyper, steps)
                 compiled[config.name] = (
-                    jax.jit(tx.init), make_train_step(graphdef, tx, optstate.apply_updates))
+                    jax.jit(tx.init), make_train_step(graphdef, tx, optstate.update_and_apply))
             init, train_step = compiled[config.name]
             _, params = init_model(template.model, seed)
             result = run_training(corpus, replace(template, seed=seed), train_step, evaluate,

@@ -91,12 +91,28 @@ def _chunking(shape: tuple[int, ...], block: int, chunk_elements: int) -> _Chunk
     k = min(k, a)
     inner = math.prod(shape[k + 1:])
     if k < a:
+        step = 1
         rows = max(1, chunk_elements // inner)
     else:
         step = block // math.gcd(inner, block) if block > 0 else 1
         rows = max(step, (chunk_elements // inner) // step * step)
-    rows = min(rows, shape[k])
+    if rows * 2 > shape[k] >= 2 * step:
+        # at least two iterations: XLA unrolls a loop of one, and the update of a donated
+        # array outside a loop is a copy, not in place
+        rows = max(step, (shape[k] // 2) // step * step)
+    rows = _dividing(min(rows, shape[k]), shape[k], step)
     return _Chunking(shape, k, rows, math.prod(shape[:k]), shape[k] // rows, shape[k] % rows)
+
+
+def _dividing(rows: int, total: int, step: int) -> int:
+    """``rows``, or the largest multiple of ``step`` down to half of it that divides
+    ``total``: without a remainder chunk every row goes through the loop, whose carried
+    arrays XLA updates in place (a remainder of one iteration is unrolled by XLA, and its
+    update of a donated parameter is then a copy)."""
+    for r in range(rows, max(step, rows // 2) - 1, -step):
+        if total % r == 0:
+            return r
+    return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +169,31 @@ def _piece_view(ch: _Chunking, q: QuantizedArray, rows: int) -> View:
         row_len = n
     pack_len = ch.shape[-1] if ch.axis < len(ch.shape) - 1 else rows
     return View(n // row_len, row_len, q.block_size, pack_len)
+
+
+def _as_bits(x: jax.Array) -> jax.Array:
+    """A floating array narrower than 32 bits (bf16, fp16, fp8) as unsigned integers of its
+    bits (free: a bitcast). The loop slices and updates such arrays as integers: XLA on CPU
+    computes in float32 what it holds in bf16, and would otherwise convert a whole bf16
+    gradient or parameter to float32 before the loop (a float32 copy of each)."""
+    dtype = jnp.dtype(x.dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+        return lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * dtype.itemsize}"))
+    return x
+
+
+def _bits_after(x: Any, view: tuple[int, ...], zero: jax.Array | None) -> jax.Array:
+    """``x`` reshaped to ``view`` as :func:`_as_bits`; a view that XLA materializes (a narrow
+    float) is made once ``zero`` exists (:mod:`optstate.quantization.ordering`)."""
+    x = jnp.asarray(x).reshape(view)
+    if zero is not None and _as_bits(x).dtype != x.dtype:
+        x = plus_zero(x, zero)
+    return _as_bits(x)
+
+
+def _from_bits(x: jax.Array, dtype: Any) -> jax.Array:
+    """The inverse of :func:`_as_bits` for values of ``dtype``."""
+    return x if x.dtype == jnp.dtype(dtype) else lax.bitcast_convert_type(x, dtype)
 
 
 def _slice_rows(x3: jax.Array, outer: jax.Array, start: jax.Array, rows: int) -> jax.Array:
@@ -217,12 +258,20 @@ def small_groups(chunk_elements: int, sizes: dict[int, int]) -> list[list[int]]:
 
 
 def chunked_step(chunk_elements: int, inner: GradientTransformation, updates, s_leaves, s_def,
-                 params, extra_args, seeds, chunked, owners):
-    """The bounded-memory step for an inner update that is elementwise per parameter."""
+                 params, extra_args, seeds, chunked, owners, apply: bool = False):
+    """The bounded-memory step for an inner update that is elementwise per parameter.
+
+    Returns ``(new_updates, new_state_leaves)``; with ``apply`` (``optstate.update_and_apply``,
+    ``params`` given) ``(new_params, new_state_leaves)``: each loop or group then also computes
+    its parameters' updates and writes ``p + u`` in place of ``p``, so no float32 update of a
+    processed parameter and no copy of its old state is ever materialized.
+    """
     u_leaves, u_def = jax.tree.flatten(updates)
     p_leaves = None if params is None else jax.tree.flatten(params)[0]
     p_def = None if params is None else jax.tree.structure(params)
+    apply = apply and p_leaves is not None
     chunked_state = {s for ss in chunked.values() for s in ss}
+    applied: dict[int, jax.Array] = {}  # with apply: parameter index -> its new value
 
     # 1. The new state of each large parameter, in row chunks of whole blocks, stored in
     #    place, one parameter after the other, then that of the small parameters, a group of
@@ -230,6 +279,11 @@ def chunked_step(chunk_elements: int, inner: GradientTransformation, updates, s_
     #    copy of the old stored state it read from.
     read_leaves = list(s_leaves)
     dependency: list[Any] | None = None
+    if apply:
+        # Parameters are written in place: no loop may start before every gradient exists,
+        # i.e. before the backward pass (inside a train step) has read the parameters for
+        # the last time; else XLA copies a parameter to keep it for those reads.
+        dependency = [jnp.asarray(g) for g in u_leaves if g is not None and jnp.size(g)]
     loops = []
     sizes = {k: math.prod(u_leaves[k].shape) for k in chunked}
     in_loop = [k for k in sorted(chunked)
@@ -237,17 +291,24 @@ def chunked_step(chunk_elements: int, inner: GradientTransformation, updates, s_
     small = {k: n for k, n in sizes.items() if k not in in_loop}
     for k in in_loop:
         members, old = _chunk_loop(chunk_elements, inner, k, chunked[k], u_leaves, u_def, p_leaves,
-                                   p_def, s_leaves, s_def, extra_args, seeds, dependency)
+                                   p_def, s_leaves, s_def, extra_args, seeds, dependency, apply)
         loops.append(members)
         dependency = _stored_arrays(members.values())
-        _read_after(read_leaves, old, dependency)
+        if apply:
+            applied[k] = old  # the new parameter; no copy of the old state was made
+            dependency.append(old)
+        if not apply:
+            _read_after(read_leaves, old, dependency)
     for group in small_groups(chunk_elements, small):
         members, old = _group_step(inner, {k: chunked[k] for k in group}, u_leaves, u_def,
                                    p_leaves, p_def, s_leaves, s_def, extra_args, seeds,
-                                   dependency)
+                                   dependency, apply)
         loops.append(members)
         dependency = _stored_arrays(members.values())
-        _read_after(read_leaves, old, dependency)
+        if apply:
+            applied.update(old)  # the group's new parameters
+        else:
+            _read_after(read_leaves, old, dependency)
 
     # 2. One call of the inner update on the whole tree, on the old state, gives every update
     #    and the new state of everything not processed above (scalars, leaves of parameters
@@ -258,6 +319,12 @@ def chunked_step(chunk_elements: int, inner: GradientTransformation, updates, s_
     u_rest = list(u_leaves)
     p_rest = None if p_leaves is None else list(p_leaves)
     s_rest = [dequantize(x) if is_quantized(x) else x for x in read_leaves]
+    if apply:  # the processed parameters' updates are not needed: empty stand-ins
+        for k in applied:
+            u_rest[k] = _placeholder(u_leaves[k])
+            p_rest[k] = _placeholder(p_leaves[k])
+            for s in chunked[k]:
+                s_rest[s] = _placeholder(jax.ShapeDtypeStruct(s_rest[s].shape, s_rest[s].dtype))
     new_u_rest, new_s_rest = inner.update(
         u_def.unflatten(u_rest), s_def.unflatten(s_rest),
         None if p_def is None else p_def.unflatten(p_rest), **extra_args)
@@ -274,7 +341,16 @@ def chunked_step(chunk_elements: int, inner: GradientTransformation, updates, s_
     for members in loops:
         for s, value in members.items():
             new_s[s] = value
+    if apply:
+        new_p = [applied[k] if k in applied else _apply_leaf(p, u)
+                 for k, (p, u) in enumerate(zip(p_leaves, new_u))]
+        return p_def.unflatten(new_p), new_s
     return u_def.unflatten(new_u), new_s
+
+
+def _apply_leaf(p: Any, u: Any) -> Any:
+    """``p + u`` in ``p``'s dtype (what ``apply_updates`` does to one leaf)."""
+    return None if p is None else jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
 
 
 def _stored_arrays(values: Any) -> list[jax.Array]:
@@ -297,14 +373,15 @@ def _read_after(read_leaves: list[Any], old: dict[int, Any], dependency: list[ja
 
 
 def _group_step(inner, group, u_leaves, u_def, p_leaves, p_def, s_leaves, s_def, extra_args,
-                seeds, dependency):
+                seeds, dependency, apply=False):
     """Runs ``inner.update`` once on the small parameters of ``group`` (parameter index -> its
     state leaves), whole, every other array leaf passed as an empty placeholder.
 
     The group's old stored state is copied once ``dependency`` (the previous loop's or group's
     new state) exists, so that groups run one after another and their float32 values are
     never all alive at once. Returns the new values of the group's state leaves (its updates
-    come from the whole-tree call) and the copy of their old values.
+    come from the whole-tree call) and the copy of their old values; with ``apply``, the new
+    values of the group's parameters (``p + u``) in place of that copy.
     """
     zero = None if dependency is None else zero_from(dependency)
     old: dict[int, Any] = {}
@@ -326,7 +403,7 @@ def _group_step(inner, group, u_leaves, u_def, p_leaves, p_def, s_leaves, s_def,
             p_in[k] = p_leaves[k]
         for s in ss:
             s_in[s] = dequantize(old[s]) if is_quantized(old[s]) else old[s]
-    _, new_s_tree = inner.update(
+    new_u_tree, new_s_tree = inner.update(
         u_def.unflatten(u_in), s_def.unflatten(s_in),
         None if p_def is None else p_def.unflatten(p_in), **extra_args)
     new_s_flat = s_def.flatten_up_to(new_s_tree)
@@ -336,17 +413,23 @@ def _group_step(inner, group, u_leaves, u_def, p_leaves, p_def, s_leaves, s_def,
         for s, value in zip(ss, kept):
             x = s_leaves[s]
             new[s] = requantize_like(x, value, seeds[s]) if is_quantized(x) else value
+    if apply:
+        new_u = jax.tree.leaves(new_u_tree)
+        return new, {k: _apply_leaf(p_leaves[k], new_u[k]) for k in group}
     return new, old
 
 
 def _chunk_loop(chunk_elements, inner, k, members, u_leaves, u_def, p_leaves, p_def, s_leaves, s_def,
-                extra_args, seeds, dependency):
+                extra_args, seeds, dependency, apply=False):
     """Runs ``inner.update`` on row chunks of parameter ``k`` and its state ``members``.
 
     Every other parameter and non-scalar state leaf is passed as an empty placeholder (the
     analysis showed the chunk's outputs do not depend on them); scalars are passed as they are.
     Returns the new values of ``k``'s state leaves (its updates come from the whole-tree
-    call) and a copy of their old values (written by the loop as it reads them).
+    call) and a copy of their old values (written by the loop as it reads them). With
+    ``apply``, the loop reads the old state from the very arrays it updates (nothing else
+    reads it), also writes ``p + u`` in place of the parameter's chunk, and returns the new
+    parameter in place of the copy.
     """
     shape = tuple(u_leaves[k].shape)
     qs = [s_leaves[s] for s in members if is_quantized(s_leaves[s])]
@@ -372,16 +455,25 @@ def _chunk_loop(chunk_elements, inner, k, members, u_leaves, u_def, p_leaves, p_
             slots[s] = tuple(idx)
         else:
             slots[s] = (len(arrays0),)
-            arrays0.append(jnp.asarray(x).reshape(plain.view))
+            arrays0.append(_as_bits(jnp.asarray(x).reshape(plain.view)))
             cuts.append(plain)
     # The loop reads the old stored state from a copy and writes the new one in place; the
     # whole-tree call reads the same copy. The copy is made after the previous parameter's
     # loop (one parameter after the other), so only about one parameter's copy is alive.
     n_stored = len(arrays0)
+    # XLA on CPU makes the integer view of a bf16 gradient or parameter (see _as_bits) a
+    # copy: made once the previous parameter is done, so that one such copy is alive at a time
     zero = None if dependency is None else zero_from(dependency)
-    old = [copy_after(a, zero) for a in arrays0]
-    grads3 = jnp.asarray(u_leaves[k]).reshape(plain.view)
-    params3 = None if p_leaves is None else jnp.asarray(p_leaves[k]).reshape(plain.view)
+    g_dtype = jnp.asarray(u_leaves[k]).dtype
+    grads3 = _bits_after(u_leaves[k], plain.view, zero)
+    p_dtype = None if p_leaves is None else jnp.asarray(p_leaves[k]).dtype
+    params3 = None if p_leaves is None else _bits_after(p_leaves[k], plain.view, zero)
+    if apply:  # the parameter is carried and written too; the old state read where it lies
+        arrays0.append(params3)
+        cuts.append(plain)
+        old = None
+    else:
+        old = [copy_after(a, zero) for a in arrays0]
     u_place = [_placeholder(x) for x in u_leaves]
     p_place = None if p_leaves is None else [_placeholder(x) for x in p_leaves]
     s_place = [x if len(x.shape) == 0 else _placeholder(jax.ShapeDtypeStruct(x.shape, x.dtype))
@@ -399,14 +491,17 @@ def _chunk_loop(chunk_elements, inner, k, members, u_leaves, u_def, p_leaves, p_
             return start if cuts[i].rows == ch.rows else j * cuts[i].rows
 
         u_in = list(u_place)
-        u_in[k] = _slice_rows(grads3, outer, start, rows).reshape(cshape)
+        u_in[k] = _from_bits(_slice_rows(grads3, outer, start, rows), g_dtype).reshape(cshape)
         p_in = None
         if p_place is not None:
             p_in = list(p_place)
-            p_in[k] = _slice_rows(params3, outer, start, rows).reshape(cshape)
+            source = arrays[n_stored] if apply else params3
+            p_in[k] = _from_bits(_slice_rows(source, outer, start, rows), p_dtype
+                                 ).reshape(cshape)
         # Reads come from the copy, writes go to the carried arrays (never read in the loop),
-        # so XLA updates them in place.
-        reads = [_slice_rows(old[i], outer, start_of(i), rows_of(i)) for i in range(n_stored)]
+        # so XLA updates them in place; with ``apply`` each chunk is read, then overwritten.
+        source = arrays if apply else old
+        reads = [_slice_rows(source[i], outer, start_of(i), rows_of(i)) for i in range(n_stored)]
         s_in = list(s_place)
         for s in members:
             x, idx = s_leaves[s], slots[s]
@@ -416,11 +511,14 @@ def _chunk_loop(chunk_elements, inner, k, members, u_leaves, u_def, p_leaves, p_
                                          _piece_view(ch, x, rows), x.nonneg)
                 s_in[s] = value.reshape(cshape).astype(x.dtype)
             else:
-                s_in[s] = reads[idx[0]].reshape(cshape)
+                s_in[s] = _from_bits(reads[idx[0]], x.dtype).reshape(cshape)
         new_u_tree, new_s_tree = inner.update(
             u_def.unflatten(u_in), s_def.unflatten(s_in),
             None if p_def is None else p_def.unflatten(p_in), **extra_args)
-        del new_u_tree  # this chunk's update is not needed (computed in the whole-tree call)
+        if apply:
+            new_p = _as_bits(_apply_leaf(p_in[k], jax.tree.leaves(new_u_tree)[k]))
+            arrays[n_stored] = _update_rows(arrays[n_stored], new_p, outer, start)
+        # without apply, this chunk's update is not needed (computed in the whole-tree call)
         new_s_flat = s_def.flatten_up_to(new_s_tree)
         kept = keep_finite([new_s_flat[s] for s in members], [s_in[s] for s in members])
         offset = (outer * ch.shape[ch.axis] + start) * ch.inner
@@ -437,11 +535,14 @@ def _chunk_loop(chunk_elements, inner, k, members, u_leaves, u_def, p_leaves, p_
                 if len(idx) > 1:
                     writes[idx[1]] = scales
             else:
-                writes[idx[0]] = value
+                writes[idx[0]] = _as_bits(value.astype(x.dtype))
         for i in range(n_stored):
             arrays[i] = _update_rows(arrays[i], writes[i], outer, start_of(i))
         return arrays
 
+    # 0, made from ``zero`` with ``apply``: the loops then wait for ``dependency``
+    first = (zero.astype(jnp.int32) if apply and zero is not None
+             else jnp.zeros((), jnp.int32))
     # The remainder chunks first: read after the main loop, the gradients would be live past
     # it, and XLA would copy them (a float32 copy of the parameter) when they are donated.
     carry = arrays0
@@ -450,14 +551,14 @@ def _chunk_loop(chunk_elements, inner, k, members, u_leaves, u_def, p_leaves, p_
             start = jnp.asarray(ch.n_main * ch.rows, jnp.int32)
             return one_chunk(outer, start, ch.rem, True, carry)
 
-        carry = lax.fori_loop(0, ch.n_outer, rem_body, carry)
+        carry = lax.fori_loop(first, first + ch.n_outer, rem_body, carry)
     if ch.n_main:
         def body(i, carry):
             outer = i // ch.n_main
             start = (i % ch.n_main) * ch.rows
             return one_chunk(outer, start, ch.rows, False, carry)
 
-        carry = lax.fori_loop(0, ch.n_outer * ch.n_main, body, carry)
+        carry = lax.fori_loop(first, first + ch.n_outer * ch.n_main, body, carry)
 
     def rebuild(arrays):
         out: dict[int, Any] = {}
@@ -469,7 +570,9 @@ def _chunk_loop(chunk_elements, inner, k, members, u_leaves, u_def, p_leaves, p_
                           else jnp.asarray(x.scales))
                 out[s] = dataclasses.replace(x, codes=codes, scales=scales)
             else:
-                out[s] = arrays[idx[0]].reshape(x.shape)
+                out[s] = _from_bits(arrays[idx[0]], x.dtype).reshape(x.shape)
         return out
 
+    if apply:
+        return rebuild(carry[:n_stored]), _from_bits(carry[n_stored], p_dtype).reshape(shape)
     return rebuild(carry), rebuild(old)

@@ -1,22 +1,37 @@
 """Which parameters of a ``quantize_state`` step take the fused kernel, and running them.
 
 The fused kernel (:mod:`optstate.quantization.kernel`) updates one parameter's quantized state
-in one pass. It is used automatically on GPU (Triton) and TPU (Mosaic, FP8 and BF16 only) for
-parameters of at least :data:`MIN_KERNEL_ELEMENTS` values whose inner update is elementwise;
-CPU keeps the XLA path (the chunked loop of :mod:`optstate.quantization.chunked`). Every other
-parameter, and every parameter the kernel cannot take (the reason is recorded and shown by
-``optstate.memory.describe(state, tx=...)``), takes the XLA path, whose results are always
-correct: the kernel is an optimisation, never a requirement.
+in one pass. It is used automatically on GPU (Triton) and TPU (Mosaic, where code books are
+computed by arithmetic: no gathers) for parameters of at least :data:`MIN_KERNEL_ELEMENTS`
+values whose inner update is elementwise; CPU keeps the XLA path (the chunked loop of
+:mod:`optstate.quantization.chunked`). Every other parameter, and every parameter the kernel
+cannot take (the reason is recorded and shown by ``optstate.memory.describe(state, tx=...)``),
+takes the XLA path, whose results are always correct: the kernel is an optimisation, never a
+requirement.
 
 :func:`use_kernel` overrides the choice for the code traced inside it: ``"off"``, ``"triton"``,
 ``"mosaic"`` or ``"interpret"`` (Pallas interpret mode, any backend and any size: what the
 tests run on CPU).
 
-Sharded state: a leaf typed as split over a mesh (sharding in types), or updated inside
-``shard_map``, runs the XLA path; running the kernel per shard under ``shard_map`` (its
-operands and outputs need manual-axis types) is not implemented yet, and says so as the reason.
-Under plain ``jit`` with ``NamedSharding`` arguments the types carry no mesh and the kernel is
-chosen: XLA then partitions the custom call itself (not measured).
+Sharded state (:mod:`optstate.sharding` splits quantized state so that a block never
+straddles a shard): the kernel runs per shard.
+
+* Inside ``jax.shard_map`` (``optstate.sharding.shard_map_update``, or your own) the values
+  are local shards and the kernel runs on them, its operands and outputs typed as varying over
+  the manual axes the parameter's values vary over. A parameter whose gradient, parameter and
+  state vary over different axes takes the XLA path (the kernel would make all its outputs
+  vary). In interpret mode JAX 0.10's Pallas interpreter cannot evaluate a kernel on varying
+  values, so there the shards are all-gathered and each device interprets its own shard's
+  kernel (tests only; the compiled backends run on the local shards).
+* Under plain ``jit`` with the state typed as split over a mesh (sharding in types, an
+  Explicit mesh), :func:`optstate.update_and_apply` wraps each parameter's kernel in
+  ``jax.shard_map`` over that mesh, its operands split like the state's codes (a gradient or
+  parameter laid out otherwise is resharded); stochastic rounding offsets a shard's counters
+  so that it draws what the whole leaf draws there (a state split on a dimension other than
+  the first takes the XLA path then). The kernel takes a parameter only where every shard
+  holds whole blocks; otherwise the reason says which dimension would cut one. ``tx.update``
+  there, and plain ``jit`` with ``NamedSharding`` arguments on an Auto mesh (the types carry
+  no split), run one kernel on the whole leaf, which XLA partitions itself (not measured).
 
 The choice is made when a step is traced: :func:`use_kernel` around an already compiled
 ``jax.jit`` function changes nothing until it is traced again.
@@ -26,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -33,12 +49,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec
 
 from optstate._core import _compat
 from optstate._core.base import apply_updates
 from optstate.quantization.array import is_quantized
 from optstate.quantization.codecs import CodebookCodec
+from optstate.quantization.tile_codecs import arithmetic_form
 from optstate.quantization.kernel import (
+    ARITHMETIC_BOOK_BACKENDS,
     BACKENDS,
     Geometry,
     Leaf,
@@ -124,7 +144,7 @@ def applying_update(update_fn: Callable[..., Any]) -> Callable[..., Any]:
     the ``quantize_state`` whose update is ``update_fn``: ``update_fn`` run under
     :func:`applying`, so the kernel writes the parameters (in place when donated)."""
     def update_and_apply(grads, state, params, **extra_args):
-        with applying(update_fn):
+        with applying(update_fn), typed_specs(grads, state, params):
             return update_fn(grads, state, params, **extra_args)
 
     return update_and_apply
@@ -137,17 +157,177 @@ def apply_requested(update_fn: Callable[..., Any]) -> bool:
 
 # -- the plan ----------------------------------------------------------------------------------
 
+#: A parameter that takes the kernel: ``(leaf, geometry, backend, shards)``; ``shards`` is
+#: ``None`` for one kernel on the whole leaf, else a :class:`Shards` (one per shard).
+Chosen = tuple[Leaf, Geometry, str, Any]
 
-def _typed_on_mesh(x: Any) -> bool:
-    """Whether ``x``'s type says it is split over a mesh axis (sharding in types). Inside
-    ``shard_map`` values are local shards (blocks never straddle one): the kernel runs per
-    shard there."""
-    spec = getattr(_compat.typed_sharding(x), "spec", None)
-    return spec is not None and any(entry is not None for entry in spec)
+
+@dataclasses.dataclass(frozen=True)
+class _Typed:
+    """The ``PartitionSpec`` in the type of every leaf of a step's state (``None`` where
+    unsplit) and the mesh, recorded by :func:`typed_specs`."""
+
+    mesh: Any
+    s: list[Any]  # a quantized leaf: (codes spec, scales spec)
+    shapes: list[tuple[int, ...]]  # of each state leaf (a quantized leaf's codes)
+
+
+_TYPED: contextvars.ContextVar[_Typed | None] = contextvars.ContextVar(
+    "optstate_fused_typed_specs", default=None)
+
+
+def _typed_spec(x: Any) -> Any:
+    sharding = _compat.typed_sharding(x)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or not any(entry is not None for entry in spec):
+        return None
+    return spec
+
+
+@contextlib.contextmanager
+def typed_specs(updates: Any, state: Any, params: Any) -> Iterator[None]:
+    """Inside, :func:`plan` knows how the leaves of ``state`` (a ``QuantizedState``) are split
+    over the mesh that ``updates``, ``state`` or ``params`` are typed on (sharding in types).
+
+    ``quantize_state`` runs its step with the mesh's Explicit axes switched to Auto (block
+    reshapes of sharded codes), where the types no longer say how a leaf is split; recorded
+    before that switch, the specs let the kernel run per shard under ``shard_map``. Nothing is
+    recorded when no leaf is typed as split.
+    """
+    inner = getattr(state, "inner_state", None)
+    s_leaves = [] if inner is None else jax.tree.leaves(inner, is_leaf=is_quantized)
+    s = [(_typed_spec(x.codes), _typed_spec(x.scales)) if is_quantized(x) else _typed_spec(x)
+         for x in s_leaves]
+    shapes = [tuple(jnp.shape(x.codes if is_quantized(x) else x)) for x in s_leaves]
+    mesh = None
+    for x in jax.tree.leaves((updates, inner, params)):
+        if _typed_spec(x) is not None:
+            mesh = _compat.typed_sharding(x).mesh
+            break
+    token = _TYPED.set(None if mesh is None else _Typed(mesh, s, shapes))
+    try:
+        yield
+    finally:
+        _TYPED.reset(token)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shards:
+    """How one parameter's kernel runs per shard under ``jax.shard_map``.
+
+    ``value``: the ``PartitionSpec`` of the parameter's values (its gradient, parameter,
+    update and plain state leaves), the one its state's codes are split by; ``members``: per
+    state leaf, ``(codes spec, scales spec)`` (quantized) or ``value``; ``local``: a shard's
+    logical shape. Every shard holds whole blocks (checked by :func:`_shards`).
+    """
+
+    value: PartitionSpec
+    members: dict[int, Any]
+    local: tuple[int, ...]
+
+    @property
+    def contiguous(self) -> bool:
+        """Whether a shard is one range of the leaf's row-major order (split on the first
+        dimension only): stochastic rounding then offsets the shard's counters."""
+        return all(entry is None for entry in tuple(self.value)[1:])
+
+
+def _mesh(x: Any) -> Any:
+    """The mesh a parameter's kernel runs per shard on: the context's (inside
+    ``quantize_state``'s Auto-mode step), else the one state leaf ``x`` is typed on, else the
+    one recorded by :func:`typed_specs`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        typed = getattr(_compat.typed_sharding(x.codes if is_quantized(x) else x), "mesh", None)
+        if typed is not None and not typed.empty:
+            return typed
+        recorded = _TYPED.get()
+        if recorded is not None:
+            return recorded.mesh
+    return mesh
+
+
+def _entries(spec: Any, ndim: int) -> tuple[Any, ...]:
+    entries = tuple(spec or ())
+    return entries + (None,) * (ndim - len(entries))
+
+
+def _axes(entry: Any) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def _shards(ss: list[int], s_leaves: list[Any], shape: tuple[int, ...]
+            ) -> Shards | str | None:
+    """How the parameter whose state leaves are ``ss`` runs per shard: ``None`` when its state
+    is not split over a mesh (one kernel on the whole leaf), or why not per shard.
+
+    The specs are the leaves' own types' (sharding in types) or those recorded by
+    :func:`typed_specs`."""
+    from optstate.sharding._rule import _block_split_ok  # the rule that placed the state
+
+    typed = _TYPED.get()
+    recorded = None
+    if typed is not None and typed.shapes == [
+            tuple(jnp.shape(x.codes if is_quantized(x) else x)) for x in s_leaves]:
+        recorded = typed.s  # the step's own state (not another transform's)
+    mesh = _mesh(s_leaves[ss[0]])
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes)) if not mesh.empty else {}
+    value: tuple[Any, ...] | None = None
+    members: dict[int, Any] = {}
+    for s in ss:
+        x = s_leaves[s]
+        if is_quantized(x):
+            spec = (_typed_spec(x.codes), _typed_spec(x.scales))
+            if spec == (None, None) and recorded is not None:
+                spec = recorded[s] if isinstance(recorded[s], tuple) else (None, None)
+            entries = _entries(spec[0], len(shape))
+        else:
+            spec = _typed_spec(x)
+            if spec is None and recorded is not None and not isinstance(recorded[s], tuple):
+                spec = recorded[s]
+            entries = _entries(spec, len(shape))
+        members[s] = spec
+        if value is None:
+            value = entries
+        elif entries != value:
+            return "its state leaves are split over the mesh in different ways"
+    if value is None or all(e is None for e in value):
+        return None
+    if any(a not in sizes for e in value for a in _axes(e)):
+        return "its state is split over mesh axes that the step's mesh does not have"
+    local = []
+    for d, entry in enumerate(value):
+        n = math.prod(sizes[a] for a in _axes(entry))
+        if shape[d] % n:
+            return f"dimension {d} of size {shape[d]} does not split evenly {n} ways"
+        local.append(shape[d] // n)
+        for t in ss:
+            x = s_leaves[t]
+            if not is_quantized(x) or n == 1:
+                continue
+            codes_shape = tuple(int(c) for c in jnp.shape(x.codes))
+            scales_shape = tuple(int(c) for c in jnp.shape(x.scales))
+            if not _block_split_ok(x, codes_shape, scales_shape, d, n):
+                return (f"a shard of its state would cut a block (dimension {d} split "
+                        f"{n} ways by {entry!r})")
+    for t in ss:
+        x = s_leaves[t]
+        n_scales = len(jnp.shape(x.scales)) if is_quantized(x) else 0
+        if (n_scales and math.prod(jnp.shape(x.scales))
+                and _entries(members[t][1], n_scales) != value[:n_scales]):
+            return "its codes and scales are split over the mesh in different ways"
+    for t in ss:
+        if not is_quantized(s_leaves[t]):
+            members[t] = PartitionSpec(*value)
+        else:
+            members[t] = (PartitionSpec(*value), members[t][1] or PartitionSpec())
+    return Shards(PartitionSpec(*value), members, tuple(local))
 
 
 def plan(s_leaves: list[Any], owners: list[int | None] | None, updates: Any, params: Any,
-         extra_args: dict[str, Any]) -> tuple[dict[int, tuple[Leaf, Geometry, str]],
+         extra_args: dict[str, Any]) -> tuple[dict[int, Chosen],
                                               dict[int, str]]:
     """The parameters that take the kernel (``{k: (leaf, geometry, backend)}``) and, for the
     other parameters with quantized state, why not (``{k: reason}``; empty when the kernel is
@@ -161,7 +341,7 @@ def plan(s_leaves: list[Any], owners: list[int | None] | None, updates: Any, par
     for s, k in enumerate(owners):
         if k is not None:
             members.setdefault(k, []).append(s)
-    chosen: dict[int, tuple[Leaf, Geometry, str]] = {}
+    chosen: dict[int, Chosen] = {}
     reasons: dict[int, str] = {}
     for k, ss in sorted(members.items()):
         qs = [s_leaves[s] for s in ss if is_quantized(s_leaves[s])]
@@ -172,13 +352,20 @@ def plan(s_leaves: list[Any], owners: list[int | None] | None, updates: Any, par
             continue
         reason = _why_not(k, ss, s_leaves, u_leaves, p_leaves, extra_args, backend)
         geo: Any = None
+        shards: Any = None
         if reason is None:
-            geo = geometry(tuple(jnp.shape(u_leaves[k])), qs[0].format, qs[0].block_size,
-                           backend)
+            shards = _shards(ss, s_leaves, tuple(jnp.shape(u_leaves[k])))
+            if isinstance(shards, str):
+                reason, shards = shards, None
+        if reason is None:
+            # per shard: the tiles of one shard (whole blocks, so the same blocks as the XLA
+            # path's)
+            shape = tuple(jnp.shape(u_leaves[k])) if shards is None else shards.local
+            geo = geometry(shape, qs[0].format, qs[0].block_size, backend)
             if isinstance(geo, str):
                 reason, geo = geo, None
         if reason is None:
-            chosen[k] = (Leaf(k, tuple(ss)), geo, backend)
+            chosen[k] = (Leaf(k, tuple(ss)), geo, backend, shards)
         else:
             reasons[k] = reason
     return chosen, reasons
@@ -189,8 +376,11 @@ def _why_not(k: int, ss: list[int], s_leaves: list[Any], u_leaves: list[Any],
     qs = [s_leaves[s] for s in ss if is_quantized(s_leaves[s])]
     if len({(q.fmt, q.block_size) for q in qs}) != 1:
         return "its state leaves are stored in different formats"
-    if backend == "mosaic" and isinstance(qs[0].format.codec, CodebookCodec):
-        return "code books need gathers, which Mosaic TPU does not lower"
+    codec = qs[0].format.codec
+    if (backend in ARITHMETIC_BOOK_BACKENDS and isinstance(codec, CodebookCodec)
+            and any(arithmetic_form(codec.book(q.nonneg)) is None for q in qs)):
+        return ("a code book with no arithmetic form needs gathers, which Mosaic TPU does not "
+                "lower")
     shape = tuple(jnp.shape(u_leaves[k]))
     for s in ss:
         x = s_leaves[s]
@@ -214,46 +404,55 @@ def _why_not(k: int, ss: list[int], s_leaves: list[Any], u_leaves: list[Any],
     for name, x in extra_args.items():
         if jnp.shape(x):
             return f"the extra argument {name!r} is an array, not a scalar"
-    if any(_typed_on_mesh(x) for x in leaves + [q.codes for q in qs]):
-        return "a sharded leaf (the kernel per shard under shard_map is not implemented)"
-    if any(_compat.varying_axes(x) for x in leaves):
-        # pallas_call's operands and outputs need manual-axis types there; not done yet
-        return "inside shard_map (the kernel per shard is not implemented)"
+    # inside shard_map the kernel runs on this device's shard, its outputs typed as varying
+    # over the manual axes its operands vary over: all of them alike, or an output that the
+    # XLA path keeps invariant (e.g. a replicated state beside a varying parameter) would vary
+    arrays = leaves + [c for q in qs for c in (q.codes, q.scales) if math.prod(jnp.shape(c))]
+    arrays += [s_leaves[s] for s in ss if not is_quantized(s_leaves[s])]
+    manual = {_compat.varying_axes(x) or frozenset() for x in arrays}
+    if len(manual) > 1:
+        return (f"inside shard_map its gradient, parameter and state vary over different "
+                f"manual axes ({sorted(sorted(m) for m in manual)})")
     return None
 
 
 # -- running it --------------------------------------------------------------------------------
 
 
-def overlay(chosen: dict[int, tuple[Leaf, Geometry, str]], inner_update: Callable[..., Any],
+def overlay(chosen: dict[int, Chosen], inner_update: Callable[..., Any],
             updates: Any, s_leaves: list[Any], s_def: Any, params: Any,
             extra_args: dict[str, Any], seeds: list[Any], new_updates: Any,
-            new_leaves: list[Any], *, apply: bool) -> tuple[Any, list[Any]]:
+            new_leaves: list[Any], *, apply: bool, applied: bool = False
+            ) -> tuple[Any, list[Any]]:
     """The XLA path's results with the kernel's put in for the ``chosen`` parameters.
 
     Returns ``(new_updates, new_leaves)``, or with ``apply`` ``(new_params, new_leaves)``:
     ``p + u`` in each parameter's dtype, the kernel's parameters written by the kernel (in
-    place when the caller donates them). The XLA path's results for the chosen parameters are
-    left unused, so XLA never computes them.
+    place when the caller donates them). ``applied``: the XLA path's ``new_updates`` are
+    already the new parameters (the bounded step wrote them). The XLA path's results for the
+    chosen parameters are left unused, so XLA never computes them.
     """
     u_leaves, u_def = jax.tree.flatten(updates)
     p_leaves = None if params is None else jax.tree.leaves(params)
     p_def = None if params is None else jax.tree.structure(params)
     out_leaves = list(new_leaves)
     kernel_out: dict[int, Any] = {}
-    for k, (leaf, geo, backend) in sorted(chosen.items()):
-        out, members = fused_parameter(
-            inner_update, leaf, geo, u_leaves=u_leaves, u_def=u_def, s_leaves=s_leaves,
+    for k, entry in sorted(chosen.items()):
+        out, members = run_kernel(
+            entry, inner_update, u_leaves=u_leaves, u_def=u_def, s_leaves=s_leaves,
             s_def=s_def, p_leaves=p_leaves, p_def=p_def, extra_args=extra_args, seeds=seeds,
-            backend=backend, apply=apply and p_leaves is not None)
+            apply=apply and p_leaves is not None)
         kernel_out[k] = out
         for s, value in members.items():
             out_leaves[s] = value
     if apply:
         if params is None:
             raise ValueError("update_and_apply: params is None; pass the parameters.")
-        flat_u = jax.tree.leaves(new_updates)
-        base = jax.tree.leaves(apply_updates(params, u_def.unflatten(flat_u)))
+        if applied:
+            base = list(jax.tree.leaves(new_updates))
+        else:
+            flat_u = jax.tree.leaves(new_updates)
+            base = jax.tree.leaves(apply_updates(params, u_def.unflatten(flat_u)))
         for k, value in kernel_out.items():
             base[k] = value
         return p_def.unflatten(base), out_leaves
@@ -263,29 +462,144 @@ def overlay(chosen: dict[int, tuple[Leaf, Geometry, str]], inner_update: Callabl
     return u_def.unflatten(flat_u), out_leaves
 
 
-def check_traceable(chosen: dict[int, tuple[Leaf, Geometry, str]],
+def run_kernel(entry: Chosen, inner_update: Callable[..., Any], *, u_leaves: list[Any],
+               u_def: Any, s_leaves: list[Any], s_def: Any, p_leaves: list[Any] | None,
+               p_def: Any, extra_args: dict[str, Any], seeds: list[Any], apply: bool
+               ) -> tuple[jax.Array, dict[int, Any]]:
+    """:func:`~optstate.quantization.kernel.fused_parameter` for one chosen parameter: on the
+    whole leaf, or per shard under ``jax.shard_map`` when its state is split over a mesh.
+
+    Per shard, the parameter's gradient, parameter and state go in split like its state's
+    codes (``shard_map`` reshards a gradient or parameter laid out otherwise), its scalars and
+    the extra arguments replicated; each device runs the kernel on its own shard, whose
+    blocks are whole (:func:`_shards`), so it computes what the XLA path computes there. The
+    other parameters' leaves are not passed in: stand-ins of their shapes and dtypes, which
+    the kernel only reads the types of, are made inside and left unused.
+    """
+    leaf, geo, backend, shards = entry
+    if shards is None:
+        return fused_parameter(inner_update, leaf, geo, u_leaves=u_leaves, u_def=u_def,
+                               s_leaves=s_leaves, s_def=s_def, p_leaves=p_leaves, p_def=p_def,
+                               extra_args=extra_args, seeds=seeds, backend=backend,
+                               apply=apply)
+    k, members = leaf.k, leaf.members
+    scalar = PartitionSpec()
+    args: list[Any] = []
+    specs: list[Any] = []
+
+    def take(x: Any, spec: Any) -> int:
+        args.append(x)
+        specs.append(spec)
+        return len(args) - 1
+
+    g_at = take(u_leaves[k], shards.value)
+    p_at = None if p_leaves is None else take(p_leaves[k], shards.value)
+    m_at: dict[int, Any] = {}
+    for s in members:
+        x = s_leaves[s]
+        if is_quantized(x):
+            codes_spec, scales_spec = shards.members[s]
+            m_at[s] = (take(x.codes, codes_spec), take(x.scales, scales_spec))
+        else:
+            m_at[s] = take(x, shards.value)
+    # rank-0 leaves (counters, scalar schedules) and the extra arguments: replicated
+    scalar_at = {(tree, t): take(x, scalar)
+                 for tree, leaves in (("u", u_leaves), ("s", s_leaves), ("p", p_leaves or []))
+                 for t, x in enumerate(leaves) if not is_quantized(x) and not jnp.shape(x)}
+    extra_at = {name: take(x, scalar) for name, x in extra_args.items()}
+    seed_at = {s: take(seeds[s], scalar) for s in members if seeds[s] is not None}
+
+    def stand_in(x: Any) -> Any:
+        if is_quantized(x):
+            return dataclasses.replace(x, codes=jnp.zeros(jnp.shape(x.codes), x.codes.dtype),
+                                       scales=jnp.zeros(jnp.shape(x.scales), x.scales.dtype))
+        return jnp.zeros(jnp.shape(x), jnp.asarray(x).dtype)
+
+    def per_shard(*local):
+        def rebuild(tree, leaves):
+            return [local[scalar_at[(tree, t)]] if (tree, t) in scalar_at else stand_in(x)
+                    for t, x in enumerate(leaves)]
+
+        u_local = rebuild("u", u_leaves)
+        u_local[k] = local[g_at]
+        s_local = rebuild("s", s_leaves)
+        for s in members:
+            x = s_leaves[s]
+            if is_quantized(x):
+                c_at, sc_at = m_at[s]
+                s_local[s] = dataclasses.replace(x, codes=local[c_at], scales=local[sc_at],
+                                                 shape=shards.local)
+            else:
+                s_local[s] = local[m_at[s]]
+        p_local = None
+        if p_leaves is not None:
+            p_local = rebuild("p", p_leaves)
+            p_local[k] = local[p_at]
+        seeds_local = [local[seed_at[s]] if s in seed_at else None
+                       for s in range(len(s_leaves))]
+        offset = None
+        if seed_at and tuple(shards.value) and shards.value[0] is not None:
+            # the shard's first element in the leaf's row-major order (split on dim 0 only)
+            index = lax.axis_index(_axes(shards.value[0]))
+            offset = (index * math.prod(shards.local)).astype(jnp.uint32)
+        out, new = fused_parameter(
+            inner_update, leaf, geo, u_leaves=u_local, u_def=u_def, s_leaves=s_local,
+            s_def=s_def, p_leaves=p_local, p_def=p_def,
+            extra_args={name: local[i] for name, i in extra_at.items()}, seeds=seeds_local,
+            backend=backend, apply=apply, counter_offset=offset)
+        flat = []
+        for s in members:
+            flat += [new[s].codes, new[s].scales] if is_quantized(new[s]) else [new[s]]
+        return out, flat
+
+    out_specs = [shards.value]
+    for s in members:
+        out_specs += list(shards.members[s]) if is_quantized(s_leaves[s]) else [shards.value]
+    mesh = _mesh(s_leaves[members[0]])
+    out, flat = jax.shard_map(per_shard, mesh=mesh, in_specs=tuple(specs),
+                              out_specs=(out_specs[0], out_specs[1:]))(*args)
+    new_members: dict[int, Any] = {}
+    i = 0
+    for s in members:
+        x = s_leaves[s]
+        if is_quantized(x):
+            new_members[s] = dataclasses.replace(x, codes=flat[i], scales=flat[i + 1])
+            i += 2
+        else:
+            new_members[s] = flat[i]
+            i += 1
+    return out, new_members
+
+
+def check_traceable(chosen: dict[int, Chosen],
                     inner_update: Callable[..., Any], updates: Any, s_leaves: list[Any],
                     s_def: Any, params: Any, extra_args: dict[str, Any], seeds: list[Any],
-                    apply: bool) -> tuple[dict[int, tuple[Leaf, Geometry, str]], dict[int, str]]:
+                    apply: bool) -> tuple[dict[int, Chosen], dict[int, str]]:
     """``chosen`` without the parameters whose kernel does not trace (an inner update that
     cannot run on a tile), and why; checked abstractly, nothing runs."""
     u_leaves, u_def = jax.tree.flatten(updates)
     p_leaves = None if params is None else jax.tree.leaves(params)
     p_def = None if params is None else jax.tree.structure(params)
     kept, reasons = {}, {}
-    for k, (leaf, geo, backend) in chosen.items():
-        def run(u_leaves, s_leaves, p_leaves, seeds, leaf=leaf, geo=geo, backend=backend):
-            return fused_parameter(
-                inner_update, leaf, geo, u_leaves=u_leaves, u_def=u_def, s_leaves=s_leaves,
+    for k, entry in chosen.items():
+        leaf, shards = entry[0], entry[3]
+        if (shards is not None and not shards.contiguous
+                and any(seeds[s] is not None for s in leaf.members)):
+            reasons[k] = ("stochastic rounding of a state split on a dimension other than the "
+                          "first (a shard's counters are not one range of the leaf's)")
+            continue
+        def run(u_leaves, s_leaves, p_leaves, seeds, entry=entry):
+            return run_kernel(
+                entry, inner_update, u_leaves=u_leaves, u_def=u_def, s_leaves=s_leaves,
                 s_def=s_def, p_leaves=p_leaves, p_def=p_def, extra_args=extra_args,
-                seeds=seeds, backend=backend, apply=apply and p_leaves is not None)
+                seeds=seeds, apply=apply and p_leaves is not None)
         try:
             jax.eval_shape(run, u_leaves, s_leaves, p_leaves, seeds)
         except Exception as error:  # noqa: BLE001 - any failure means "take the XLA path"
             reasons[k] = (f"the inner update does not run in the kernel "
                           f"({type(error).__name__}: {str(error).splitlines()[0][:160]})")
             continue
-        kept[k] = (leaf, geo, backend)
+        kept[k] = entry
     return kept, reasons
 
 
@@ -304,7 +618,7 @@ def warn_fallbacks(warned: list[str], reasons: dict[int, str], forced: bool) -> 
 def select(inner_update: Callable[..., Any], updates: Any, s_leaves: list[Any], s_def: Any,
            params: Any, extra_args: dict[str, Any], seeds: list[Any],
            owners: list[int | None] | None, apply: bool, warned: list[str]
-           ) -> dict[int, tuple[Leaf, Geometry, str]]:
+           ) -> dict[int, Chosen]:
     """The parameters of this step that take the kernel (see :func:`plan`), checked to trace;
     warns about the others once per reason, and records both for ``describe``."""
     chosen, reasons = plan(s_leaves, owners, updates, params, extra_args)

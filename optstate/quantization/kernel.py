@@ -22,8 +22,10 @@ codes, scales and updates against the XLA path.
 
 Backends (selected explicitly: JAX 0.10's Pallas defaults to Mosaic GPU on GPU, which has no
 gathers): ``"triton"`` (GPU; code books are read with ``table_ref[index]`` gathers from
-power-of-two tables), ``"mosaic"`` (TPU; FP8 and BF16 only, since Mosaic lowers no general
-gather and a code book needs one), ``"interpret"`` (any backend, for tests on CPU).
+power-of-two tables), ``"mosaic"`` (TPU; Mosaic lowers no general gather, so int8 and int4
+code books are computed by arithmetic and comparisons instead,
+:class:`~optstate.quantization.tile_codecs.ArithmeticBook`, equal to the tables bit for bit),
+``"interpret"`` (any backend, for tests on CPU; tables, as Triton).
 
 Stochastic rounding draws element ``n`` (row-major index in the leaf) of the same
 counter-based stream as the XLA path (:mod:`optstate.quantization.randomness`), so both round
@@ -42,16 +44,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from optstate._core import _compat
 from optstate.quantization import codebooks
 from optstate.quantization.array import is_quantized
 from optstate.quantization.block import block_layout
 from optstate.quantization.codecs import CodebookCodec
 from optstate.quantization.formats import StorageFormat
 from optstate.quantization.tile_codecs import (
+    ArithmeticBook,
     Book,
     decode,
     encode,
@@ -68,6 +71,10 @@ BACKENDS = ("triton", "mosaic", "interpret")
 TILE_ELEMENTS = 1 << 13
 
 _UNBLOCKED_WIDTH = 1024  # tile width of a format without blocks (BF16)
+
+#: Backends whose tiles compute code books by arithmetic (:class:`ArithmeticBook`, no gathers)
+#: instead of reading their tables: Mosaic TPU lowers no general gather.
+ARITHMETIC_BOOK_BACKENDS = ("mosaic",)
 
 
 def _pow2_floor(n: int) -> int:
@@ -171,9 +178,13 @@ class Leaf:
 def fused_parameter(inner_update: Callable[..., Any], leaf: Leaf, geo: Geometry, *,
                     u_leaves: list[Any], u_def: Any, s_leaves: list[Any], s_def: Any,
                     p_leaves: list[Any] | None, p_def: Any, extra_args: dict[str, Any],
-                    seeds: list[Any], backend: str, apply: bool
+                    seeds: list[Any], backend: str, apply: bool, counter_offset: Any = None
                     ) -> tuple[jax.Array, dict[int, Any]]:
     """Runs the fused kernel for one parameter.
+
+    ``counter_offset``: a ``uint32`` scalar added to every element's counter in the
+    stochastic-rounding stream, for a shard of a leaf (its first element's row-major index in
+    the whole leaf), so that a shard draws what the whole leaf draws there.
 
     Returns ``(out, new_members)``: ``out`` is the parameter's update (or, with ``apply``, its
     new value ``p + u`` in the parameter's dtype, written in place of ``p``) and
@@ -293,17 +304,19 @@ def fused_parameter(inner_update: Callable[..., Any], leaf: Leaf, geo: Geometry,
     if stochastic:
         seed_arr = jnp.concatenate([
             jnp.asarray(seeds[s], jnp.uint32) if seeds[s] is not None
-            else jnp.zeros((2,), jnp.uint32) for s in members])
+            else jnp.zeros((2,), jnp.uint32) for s in members]
+            + ([] if counter_offset is None else
+               [jnp.reshape(jnp.asarray(counter_offset, jnp.uint32), (1,))]))
         n_seed = seed_arr.size if mosaic else pow2_ceil(seed_arr.size)
         seed_arr = jnp.pad(seed_arr, (0, n_seed - seed_arr.size))
         seed_pos = add_input(seed_arr, whole_spec(n_seed))
-    books: dict[bool, tuple[codebooks.Codebook, dict[str, int], int]] = {}
+    books: dict[bool, tuple[codebooks.Codebook, dict[str, int] | None, int]] = {}
     if isinstance(fmt.codec, CodebookCodec):
-        if mosaic:
-            raise ValueError("fused_parameter: code-book formats need gathers, which Mosaic "
-                             "TPU does not lower; use the XLA path.")
         for nonneg in sorted(set(nonneg_of.values())):
             book = fmt.codec.book(nonneg)
+            if backend in ARITHMETIC_BOOK_BACKENDS:
+                books[nonneg] = (book, None, 0)  # no tables: ArithmeticBook
+                continue
             tabs = tables_of(book)
             pos = {name: add_input(jnp.asarray(tabs[name]), whole_spec(tabs[name].size))
                    for name in ("decode", "nearest", "threshold", "floor", "mags")}
@@ -324,8 +337,21 @@ def fused_parameter(inner_update: Callable[..., Any], leaf: Leaf, geo: Geometry,
         else:
             member_pos[s] = (add_input(view(x), value_spec), None)
 
+    # inside shard_map every operand is this device's shard: type them all, and the outputs, as
+    # varying over the same manual axes (what pallas_call checks under check_vma)
+    varying = _varying_union(inputs)
+    # JAX 0.10's Pallas interpreter cannot evaluate a kernel on device-varying values (its
+    # grid indices and the kernel's constants are invariant): interpret mode gathers the
+    # shards and interprets every device's kernel on its own shard (_interpret_per_shard)
+    gathered = backend == "interpret" and bool(varying)
+    if not gathered:
+        inputs = [_as_varying(x, varying) for x in inputs]
+
+    def out_struct(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+        return _shape_dtype(shape, dtype, () if gathered else varying)
+
     # -- outputs -------------------------------------------------------------------------------
-    out_shapes = [jax.ShapeDtypeStruct(view(u_leaves[k]).shape, out_dtype)]
+    out_shapes = [out_struct(view(u_leaves[k]).shape, out_dtype)]
     out_specs = [value_spec]
     aliases: dict[int, int] = {}
     if apply:
@@ -333,11 +359,11 @@ def fused_parameter(inner_update: Callable[..., Any], leaf: Leaf, geo: Geometry,
     for s in members:
         c_pos, sc_pos = member_pos[s]
         aliases[c_pos] = len(out_shapes)
-        out_shapes.append(jax.ShapeDtypeStruct(inputs[c_pos].shape, inputs[c_pos].dtype))
+        out_shapes.append(out_struct(inputs[c_pos].shape, inputs[c_pos].dtype))
         out_specs.append(in_specs[c_pos])
         if sc_pos is not None:
             aliases[sc_pos] = len(out_shapes)
-            out_shapes.append(jax.ShapeDtypeStruct(inputs[sc_pos].shape, inputs[sc_pos].dtype))
+            out_shapes.append(out_struct(inputs[sc_pos].shape, inputs[sc_pos].dtype))
             out_specs.append(scales_spec)
 
     # -- the body ------------------------------------------------------------------------------
@@ -364,7 +390,8 @@ def fused_parameter(inner_update: Callable[..., Any], leaf: Leaf, geo: Geometry,
             else:
                 ref[...] = parts[0]
 
-        book_objs = {nn: Book(b, {name: in_refs[pos] for name, pos in poss.items()}, nb)
+        book_objs = {nn: ArithmeticBook(b) if poss is None else
+                     Book(b, {name: in_refs[pos] for name, pos in poss.items()}, nb)
                      for nn, (b, poss, nb) in books.items()}
         grads = parts_of(in_refs[g_pos])
         params = None if p_pos is None else parts_of(in_refs[p_pos])
@@ -377,7 +404,8 @@ def fused_parameter(inner_update: Callable[..., Any], leaf: Leaf, geo: Geometry,
                 scales = None if sc_pos is None else in_refs[sc_pos][...]
                 book = book_objs.get(x.nonneg)
                 if pairs:
-                    split = [codes & np.uint8(0x0F), codes >> np.uint8(4)]
+                    wide = codes.astype(jnp.int32)  # nibbles in int32: no 8-bit ALU work
+                    split = [wide & 0x0F, wide >> 4]
                 else:
                     split = [codes]
                 old[s] = [decode(x.format, x.nonneg, book, c, scales).astype(x.dtype)
@@ -406,12 +434,16 @@ def fused_parameter(inner_update: Callable[..., Any], leaf: Leaf, geo: Geometry,
             us: list[Any] = [None] * half
             if seeds[s] is not None:
                 seed = (in_refs[seed_pos][2 * m], in_refs[seed_pos][2 * m + 1])
-                us = [uniform_at(seed, (row * row_len + c).astype(jnp.uint32)) for c in cols]
+                n0 = (jnp.uint32(0) if counter_offset is None
+                      else in_refs[seed_pos][2 * len(members)])
+                us = [uniform_at(seed, (row * row_len + c).astype(jnp.uint32) + n0)
+                      for c in cols]
             values = [v.astype(x.dtype).astype(jnp.float32) for v in news[s]]
             codes, scales = encode(x.format, x.nonneg, book_objs.get(x.nonneg), values, masks,
                                     us)
             if pairs:
-                stored = codes[0] | (codes[1] << np.uint8(4))
+                low, high = (c.astype(jnp.int32) for c in codes)
+                stored = (low | (high << 4)).astype(jnp.uint8)
             else:
                 stored = codes[0]
             out_refs[o][...] = stored
@@ -424,7 +456,7 @@ def fused_parameter(inner_update: Callable[..., Any], leaf: Leaf, geo: Geometry,
         body, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shapes,
         input_output_aliases=aliases, interpret=backend == "interpret",
         compiler_params=_compiler_params(backend), name="optstate_fused_update")
-    results = call(*inputs)
+    results = _interpret_per_shard(call, inputs, varying) if gathered else call(*inputs)
     out = results[0].reshape(u_leaves[k].shape)
     new_members: dict[int, Any] = {}
     o = 1
@@ -443,6 +475,53 @@ def fused_parameter(inner_update: Callable[..., Any], leaf: Leaf, geo: Geometry,
             o += 1
         new_members[s] = dataclasses.replace(x, codes=codes, scales=scales)
     return out, new_members
+
+
+def _varying_union(values: list[Any]) -> tuple[str, ...]:
+    """The manual mesh axes (inside ``shard_map``) over which any of ``values`` varies; empty
+    outside ``shard_map`` or where JAX does not track them (``check_vma=False``)."""
+    axes: set[str] = set()
+    for x in values:
+        axes |= _compat.varying_axes(x) or frozenset()
+    return tuple(sorted(axes))
+
+
+def _as_varying(x: Any, axes: tuple[str, ...]) -> Any:
+    """``x`` typed as varying over every one of ``axes`` (a no-op outside ``shard_map``)."""
+    missing = tuple(a for a in axes if a not in (_compat.varying_axes(x) or frozenset()))
+    return _compat.pcast_varying(x, missing) if missing else x
+
+
+def _interpret_per_shard(call: Callable[..., Any], inputs: list[Any], axes: tuple[str, ...]
+                         ) -> list[jax.Array]:
+    """``call(*inputs)`` in interpret mode inside ``shard_map``, where ``inputs`` vary over the
+    manual axes ``axes``: the varying operands are all-gathered (a leading axis of one shard
+    per device), the kernel is interpreted on every shard (``vmap``, one shard each, the same
+    tiles as on a device) and each device keeps its own results. Slow and for tests only, as
+    interpret mode is; the compiled backends run on the local shards directly."""
+    stacked, in_axes = [], []
+    for x in inputs:
+        if _compat.varying_axes(x):
+            x = _as_varying(x, axes)
+            stacked.append(lax.all_gather(x, axes, axis=0, tiled=False, to="invarying"))
+            in_axes.append(0)
+        else:
+            stacked.append(x)
+            in_axes.append(None)
+    results = jax.vmap(call, in_axes=in_axes)(*stacked)
+    me = lax.axis_index(axes)
+    return [lax.dynamic_index_in_dim(r, me, axis=0, keepdims=False) for r in results]
+
+
+def _shape_dtype(shape: tuple[int, ...], dtype: Any, axes: tuple[str, ...]
+                 ) -> jax.ShapeDtypeStruct:
+    """A ``pallas_call`` output of ``shape`` and ``dtype`` varying over the manual axes
+    ``axes``: under ``shard_map(check_vma=True)`` pallas_call needs the outputs' manual-axis
+    type (``jax.sharding.ManualAxisType``); elsewhere it is ignored."""
+    manual = getattr(jax.sharding, "ManualAxisType", None)
+    if manual is None:  # a JAX that names it otherwise: pallas_call takes untyped outputs
+        return jax.ShapeDtypeStruct(shape, dtype)
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual(varying=frozenset(axes)))
 
 
 def _compiler_params(backend: str) -> Any:

@@ -3,7 +3,10 @@ operation, on the ``(tile_rows, width)`` tiles of the fused kernel (:mod:`.kerne
 
 Inside a Pallas kernel a code book cannot be a captured constant: its tables arrive as refs,
 read with ``table_ref[index]`` gathers (Triton lowers them for power-of-two table sizes), and
-``jnp.round`` (which Triton does not lower) is rebuilt from ``floor``. Columns past the end of
+``jnp.round`` (which Triton does not lower) is rebuilt from ``floor``. Mosaic TPU lowers no
+general gather: there :class:`ArithmeticBook` computes the int8 and int4 code books from their
+structure (the decade by comparisons, then a linear index with a one-step fix-up against the
+exact midpoints), equal to the tables bit for bit. Columns past the end of
 a row (a short last block) are masked out of every block maximum. A block's maximum over the
 (even, odd) halves of int4 pairs is the maximum of both halves.
 
@@ -13,6 +16,9 @@ Li, Chen, Zhu, "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from typing import Any
 
 import jax
@@ -79,6 +85,233 @@ class Book:
             n = jnp.minimum(n, k - 1)
         if book.signed:
             n = book.center + jnp.sign(y).astype(jnp.int32) * n
+        return n.astype(jnp.uint8)
+
+
+# -- code books by arithmetic (no gathers: what Mosaic TPU lowers) -----------------------------
+
+_ESTIMATE_BIAS = 2.0**-6  # in steps of the local index; far above the estimate's float error
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decade:
+    """One group of a code book's magnitudes whose values are linear in the local index ``j``:
+    ``value(j) = m(j) * hi + m(j) * lo`` with the exact integer ``m(j) = p + q * j`` (float32)
+    and ``hi`` short enough (12 bits) that ``m * hi`` is exact."""
+
+    first: float   # value(0): a value at least this is in this group or a later one
+    count: int     # values in the group (a dynamic map's decade ``i``: ``2**i``)
+    start: int     # magnitude index of value(0)
+    p: int
+    hi: float
+    lo: float
+    rate: float    # 1 / (q * (hi + lo)): the local index of a value is about a * rate - p / q
+    next: float    # the value after the group's last (inf after the last group)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArithmeticForm:
+    """A code book as a few linear groups (:class:`_Decade`), checked to reproduce its table.
+
+    Dynamic maps: the decades ``i`` (``value = 10**(i - top - 1) (2**(i+1) + 9 + 18 j) /
+    2**(i+1)``, ``q = 18``), with zero (signed maps) and the value 1 handled apart. Linear maps:
+    one group ``(j + 1) / 2**bits`` (``q = 1``).
+    """
+
+    linear: bool
+    signed: bool
+    k: int          # magnitudes
+    q: int
+    decades: tuple[_Decade, ...]
+
+
+def _split(t: float, bits: int = 12) -> tuple[np.float32, np.float32]:
+    """``t`` as ``hi + lo`` with ``hi`` of ``bits`` significant bits and ``lo`` float32."""
+    e = math.floor(math.log2(t))
+    scale = 2.0 ** (bits - 1 - e)
+    hi = np.float32(round(t * scale) / scale)
+    return hi, np.float32(t - float(hi))
+
+
+@functools.lru_cache(maxsize=None)
+def arithmetic_form(book: codebooks.Codebook) -> ArithmeticForm | None:
+    """The arithmetic form of ``book``, or ``None`` for a book that is neither a dynamic nor a
+    linear map (such a book needs its tables: gathers). Checked to decode every magnitude bit
+    for bit as the table does, with and without a fused multiply-add."""
+    mags = np.asarray(book.magnitudes, np.float32)
+    k = mags.size
+    bits = k.bit_length() - 1
+    if k < 2 or k != 1 << bits:
+        return None
+    if book.linear:
+        if book.signed or not np.array_equal(mags, codebooks.linear_magnitudes(bits)):
+            return None
+        hi, lo = np.float32(1.0 / k), np.float32(0.0)
+        form = ArithmeticForm(True, False, k, 1, (_Decade(
+            float(mags[0]), k, 0, 1, float(hi), float(lo), float(k), math.inf),))
+    else:
+        top = bits - 1
+        if not np.array_equal(mags, codebooks.dynamic_magnitudes(top, book.signed)):
+            return None
+        decades = []
+        for i in range(1 if book.signed else 0, top + 1):
+            t = 10.0 ** (i - top - 1) / 2 ** (i + 1)
+            hi, lo = _split(t)
+            start = 2**i - 1
+            nxt = mags[start + 2**i]  # the next decade's first value, or 1
+            decades.append(_Decade(float(mags[start]), 2**i, start, 2 ** (i + 1) + 9,
+                                   float(hi), float(lo), 1.0 / (18 * t), float(nxt)))
+        form = ArithmeticForm(False, book.signed, k, 18, tuple(decades))
+    # exactness: every magnitude, rounding m * lo first or not (a fused multiply-add)
+    for d in form.decades:
+        j = np.arange(d.count, dtype=np.float64)
+        m = np.float32(d.p) + np.float32(form.q) * j.astype(np.float32)
+        hi, lo = np.float32(d.hi), np.float32(d.lo)
+        want = mags[d.start:d.start + d.count]
+        exact = m.astype(np.float64) * np.float64(hi)
+        if not np.array_equal(exact, (m * hi).astype(np.float64)):
+            raise AssertionError(f"{book.name}: m * hi is not exact")
+        plain = m * hi + m * lo
+        fused = (exact + m.astype(np.float64) * np.float64(lo)).astype(np.float32)
+        if not (np.array_equal(plain, want) and np.array_equal(fused, want)):
+            raise AssertionError(f"{book.name}: the arithmetic decoder is not exact")
+    mids = ((mags[:-1].astype(np.float64) + mags[1:]) / 2).astype(np.float32)
+    if not (np.all(mags[:-1] < mids) and np.all(mids < mags[1:])):
+        raise AssertionError(f"{book.name}: values too close for the arithmetic encoder")
+    return form
+
+
+class ArithmeticBook:
+    r"""A code book computed from its structure (:func:`arithmetic_form`) instead of read from
+    tables: comparisons, selects and float32 arithmetic only, no gathers (what Mosaic TPU
+    lowers). Equal to ``Codebook.encode/decode`` bit for bit for every code and every
+    non-NaN float32 input (the codecs replace NaN by zero before encoding).
+
+    Decoding magnitude index :math:`n` of a dynamic map: the decade is the exponent of
+    :math:`n + 1` (:math:`2^i`, a select over the decades' constants), the value
+    :math:`m\,h + m\,l` with :math:`m = 2^{i+1} + 9 + 18 j`, :math:`j = n + 1 - 2^i`.
+    Encoding :math:`a = |y|`: the decade by comparisons with each decade's first value, a local
+    index estimated low by at most one, :math:`j_0 = \lfloor a\,r - p/q - \delta \rfloor`,
+    the three values :math:`v_0 \le a < v_2` from :math:`j_0` on, and then
+
+    * nearest: :math:`n = n_0 + [a > \mathrm{mid}(v_0, v_1)] + [a > \mathrm{mid}(v_1, v_2)]`
+      (midpoints rounded to float32 as the tables round them: ties go down);
+    * stochastic: the floor :math:`n_0 + [a \ge v_1]`, its value and the next one, and the
+      same probability, snap and ``u`` comparison as ``Codebook.encode``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optstate.quantization import codebooks
+      >>> book = ArithmeticBook(codebooks.INT8_SIGNED)
+      >>> y = jnp.asarray([-1.0, -0.3, 0.0, 0.02, 1.0])
+      >>> bool((book.encode(y, None) == codebooks.INT8_SIGNED.encode(y)).all())
+      True
+    """
+
+    def __init__(self, book: codebooks.Codebook):
+        form = arithmetic_form(book)
+        if form is None:
+            raise ValueError(f"ArithmeticBook: the code book {book.name!r} is neither a dynamic "
+                             f"nor a linear map; it has no arithmetic form (use its tables).")
+        self.book, self.form = book, form
+
+    def magnitude(self, n: jax.Array) -> jax.Array:
+        """The magnitudes of indices ``n`` (int32, in ``[0, k)``), float32."""
+        f = self.form
+        nf = (n + 1).astype(jnp.float32)
+        if f.linear:
+            return nf * np.float32(f.decades[0].hi)
+        # 2**i, i = floor(log2(n + 1)): the exponent bits of n + 1
+        count = lax.bitcast_convert_type(
+            lax.bitcast_convert_type(nf, jnp.int32) & np.int32(0x7F800000), jnp.float32)
+        hi, lo = np.float32(f.decades[0].hi), np.float32(f.decades[0].lo)
+        for d in f.decades[1:]:
+            inside = nf >= np.float32(d.count)
+            hi = jnp.where(inside, np.float32(d.hi), hi)
+            lo = jnp.where(inside, np.float32(d.lo), lo)
+        m = np.float32(18.0) * nf - np.float32(16.0) * count + np.float32(9.0)
+        value = m * hi + m * lo
+        value = jnp.where(n >= f.k - 1, np.float32(1.0), value)
+        if f.signed:
+            value = jnp.where(n == 0, np.float32(0.0), value)
+        return value
+
+    def decode(self, codes: jax.Array) -> jax.Array:
+        f = self.form
+        c = codes.astype(jnp.int32)
+        if not self.book.signed:
+            return self.magnitude(jnp.minimum(c, f.k - 1))
+        d = c - np.int32(self.book.center)
+        mag = self.magnitude(jnp.minimum(jnp.where(d < 0, -d, d), f.k - 1))
+        return jnp.where(d <= 0, -mag, mag)  # the table's code of zero holds -0.0
+
+    def _bracket(self, a: jax.Array
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """``(n0, v0, v1, v2)``: magnitude index ``n0`` of ``v0`` and the values ``v0 < v1 <
+        v2`` of indices ``n0, n0 + 1, n0 + 2`` (``v1``/``v2`` ``inf`` past the last), with
+        ``v0 <= a < v2`` for ``a`` from the book's smallest value up to 1."""
+        f = self.form
+        first = f.decades[0]
+        q = np.float32(f.q)
+        count, hi, lo = np.float32(first.count), np.float32(first.hi), np.float32(first.lo)
+        rate, nxt = np.float32(first.rate), np.float32(first.next)
+        for d in f.decades[1:]:
+            inside = a >= np.float32(d.first)
+            count = jnp.where(inside, np.float32(d.count), count)
+            hi = jnp.where(inside, np.float32(d.hi), hi)
+            lo = jnp.where(inside, np.float32(d.lo), lo)
+            rate = jnp.where(inside, np.float32(d.rate), rate)
+            nxt = jnp.where(inside, np.float32(d.next), nxt)
+        if f.linear:
+            p, start = np.float32(first.p), np.float32(first.start)
+            offset = np.float32(first.p / f.q + _ESTIMATE_BIAS)
+        else:  # decade 2**i = count: p = 2 count + 9, start = count - 1
+            p = np.float32(2.0) * count + np.float32(9.0)
+            start = count - np.float32(1.0)
+            offset = count * np.float32(2.0 / 18.0) + np.float32(9.0 / 18.0 + _ESTIMATE_BIAS)
+        j0 = jnp.clip(jnp.floor(a * rate - offset), 0.0, count - np.float32(1.0))
+        m0 = p + q * j0
+        m1 = m0 + q
+        m2 = m1 + q
+        v0 = m0 * hi + m0 * lo
+        v1 = jnp.where(j0 + np.float32(1.0) >= count, nxt, m1 * hi + m1 * lo)
+        v2 = jnp.where(j0 + np.float32(2.0) > count, np.float32(np.inf),
+                       jnp.where(j0 + np.float32(2.0) == count, nxt, m2 * hi + m2 * lo))
+        n0 = (start + j0).astype(jnp.int32)
+        if f.signed:  # below the lowest decade: zero and the decade's first two values
+            zero = a < np.float32(first.first)
+            v2 = jnp.where(zero, v1, v2)
+            v1 = jnp.where(zero, v0, v1)
+            v0 = jnp.where(zero, np.float32(0.0), v0)
+            n0 = jnp.where(zero, np.int32(0), n0)
+        return n0, v0, v1, v2
+
+    def encode(self, y: jax.Array, u: jax.Array | None) -> jax.Array:
+        book, f = self.book, self.form
+        k = f.k
+        a = jnp.abs(y) if book.signed else jnp.maximum(y, 0.0)
+        if u is None and f.linear:  # as Codebook.encode: the nearest grid point, ties to even
+            n = round_half_even(a * np.float32(k) - 1.0)
+            n = jnp.clip(n, 0.0, np.float32(k - 1)).astype(jnp.int32)
+        else:
+            n0, v0, v1, v2 = self._bracket(a)
+            if u is None:
+                half = np.float32(0.5)
+                n = (n0 + jnp.where(a > (v0 + v1) * half, 1, 0)
+                     + jnp.where(a > (v1 + v2) * half, 1, 0))
+            else:
+                above = a >= v1
+                lo = n0 + jnp.where(above, 1, 0)
+                v_lo = jnp.where(above, v1, v0)
+                v_hi = jnp.where(above, v2, v1)
+                p = jnp.clip((a - v_lo) / (v_hi - v_lo), 0.0, 1.0)
+                snap = np.float32(codebooks._SNAP)
+                p = jnp.where(p < snap, 0.0, jnp.where(p > 1.0 - snap, 1.0, p))
+                n = jnp.minimum(lo + jnp.where(u < p, 1, 0), k - 1)
+            n = jnp.where(a >= np.float32(1.0), k - 1, n)  # every value from 1 up
+        if book.signed:
+            sign = jnp.where(y > 0, 1, jnp.where(y < 0, -1, 0))
+            n = book.center + sign * n
         return n.astype(jnp.uint8)
 
 

@@ -53,6 +53,11 @@ NONNEG_FIELDS: frozenset[str] = frozenset(
     {"nu", "nu_max", "sum_of_squares", "e_g", "e_x", "v_row", "v_col", "v", "grad_sqr_avg",
      "sum_of_squared_grads"})
 
+#: State fields ``quantize_state`` never re-encodes: they already hold exact low-order bits
+#: (``compensated_params``' ``residual``: an int8/int16 grid or a bf16 compensation in units
+#: of the parameter's own rounding), which a block-wise grid would throw away.
+EXACT_FIELDS: frozenset[str] = frozenset({"residual"})
+
 ROUNDINGS = ("nearest", "stochastic")
 #: What ``quantize_state(stalling=...)`` accepts: how stall-prone leaves are stored.
 STALLING = ("stochastic", "fp32", None)
@@ -121,7 +126,7 @@ def _leaf_decision(cfg: _Config, path: str, field: str | None, leaf: Any) -> boo
     size = math.prod(shape)
     if not shape or size == 0 or size < cfg.min_size:
         return None
-    if any(re.search(pattern, path) for pattern in cfg.keep):
+    if any(re.search(pattern, path) for pattern in cfg.keep) or field in EXACT_FIELDS:
         return None
     return field in cfg.nonneg_fields
 
@@ -420,9 +425,11 @@ def quantize_state(inner: GradientTransformation, fmt: str = "int8", *,
             # Same structure in and out: the new state keeps the old state's specs and the
             # updates the gradients' specs.
             out_specs = (_specs_like(updates), _specs_like(state))
-            return _run_in_auto_mode(
-                lambda u, s, p: _update(u, s, p, **extra_args), (updates, state, params),
-                out_specs)
+            # the state's split, recorded before the switch to Auto: the kernel runs per shard
+            with fused.typed_specs(updates, state, params):
+                return _run_in_auto_mode(
+                    lambda u, s, p: _update(u, s, p, **extra_args), (updates, state, params),
+                    out_specs)
         return _update(updates, state, params, **extra_args)
 
     def _update(updates, state, params=None, **extra_args):
@@ -454,16 +461,18 @@ def quantize_state(inner: GradientTransformation, fmt: str = "int8", *,
             state.inner_state, is_leaf=is_quantized)], s_leaves)
         if analysis.owners is None:
             _warn_fallback(warned, analysis.reason, s_leaves, chunk_elements)
+        applied = False  # whether new_updates already holds the new parameters
         if not chunked:
             new_updates, new_leaves = _whole_step(inner, updates, s_leaves, s_def, params,
                                                   extra_args, seeds, analysis.owners)
         else:
+            applied = apply and params is not None
             new_updates, new_leaves = chunked_step(chunk_elements, inner, updates, s_leaves,
                                                    s_def, params, extra_args, seeds, chunked,
-                                                   analysis.owners)
+                                                   analysis.owners, apply=applied)
         new_updates, new_leaves = fused.overlay(kernels, inner.update, updates, s_leaves, s_def,
                                                 params, extra_args, seeds, new_updates,
-                                                new_leaves, apply=apply)
+                                                new_leaves, apply=apply, applied=applied)
         return new_updates, QuantizedState(s_def.unflatten(new_leaves), new_key)
 
     register_fused_update(update, fused.applying_update(update))  # optstate.update_and_apply

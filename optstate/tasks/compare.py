@@ -91,14 +91,20 @@ def _memory_dict(memory: Any) -> dict[str, int]:
 
 
 def update_memory(tx: Any, params: Any, opt_state: Any) -> dict[str, int]:
-    """XLA's memory analysis of ``tx.update(grads, state, params)`` alone, the gradients and
-    the state donated.
+    """XLA's memory analysis of the optimizer update alone, as a train step runs it:
+    ``optstate.update_and_apply(tx, grads, state, params) -> (new_params, new_state)`` with
+    the gradients, the state and the parameters donated.
 
-    Inside a train step the gradients die at the update (its updates can take their buffers)
-    and the old state dies with the new one written, so both are donated here; the parameters
-    are only read. Nothing is executed: ``params`` stands in for the gradients' shapes.
+    Inside a train step the gradients die at the update, the old state dies with the new one
+    written and the old parameters with the new ones, so all three are donated here.
+    ``update_and_apply`` is ``tx.update`` followed by ``apply_updates`` for any transform
+    (Optax's included); ``quantize_state`` writes the new parameters in place, chunk by chunk.
+    Nothing is executed: ``params`` stands in for the gradients' shapes.
     """
-    update = jax.jit(lambda grads, state, p: tx.update(grads, state, p), donate_argnums=(0, 1))
+    # the parameters first: JAX gives each output the buffer of the first donated argument of
+    # its shape, and the new parameters belong in the old ones' (where the loop writes them)
+    update = jax.jit(lambda p, state, grads: optstate.update_and_apply(tx, grads, state, p),
+                     donate_argnums=(0, 1, 2))
     return _memory_dict(compiled_memory(update, params, opt_state, params))
 
 
@@ -118,7 +124,7 @@ def run_config(
     graphdef, params = init_model(train_config.model, train_config.seed)
     opt_state = jax.jit(tx.init)(params)  # one compiled call instead of many small ops
     state_bytes = measure_state_bytes(opt_state)
-    train_step = make_train_step(graphdef, tx, optstate.apply_updates)
+    train_step = make_train_step(graphdef, tx, optstate.update_and_apply)
     windows = corpus.train_batch(train_config.seed, 0, train_config.batch_size,
                                  train_config.model.seq_len)
     step_memory = _memory_dict(compiled_memory(train_step, params, opt_state, windows))
@@ -238,8 +244,8 @@ def compare(
             "(forward + backward + update, params and state donated): "
             "arguments + outputs - aliased + temporaries",
             "peak_update_memory": "the same analysis of the optimizer update alone "
-            "(grads, state, params -> updates, state; grads and state donated, as they die "
-            "at the update inside a train step)",
+            "(optstate.update_and_apply: grads, state, params -> new params, new state; all "
+            "three donated, as they die at the update inside a train step)",
             "step_time": f"median of {timing_repeats} train steps per configuration, "
             "interleaved round-robin after training",
             "final_train_loss": "mean next-byte cross-entropy (nats) on fixed training windows",

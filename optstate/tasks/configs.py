@@ -235,9 +235,10 @@ def adamw_with_state(config: StateConfig, hyper: Hyperparameters, learning_rate:
     """AdamW whose moments are stored as ``config`` says.
 
     ``chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate)`` (what
-    ``optstate.adamw`` is), with ``scale_by_adam`` wrapped in ``quantize_state`` for a format
-    other than fp32 and then in ``reset_every_n`` for ``+reset``: only Adam's moments and its
-    bias-correction count are ever reset, never the learning-rate schedule's count.
+    ``optstate.adamw`` is), with ``scale_by_adam`` wrapped in ``reset_every_n`` for
+    ``+reset`` (only Adam's moments and its bias-correction count are ever reset, never the
+    learning-rate schedule's count) and the chain in ``quantize_state`` for a format other
+    than fp32 (its only large state is Adam's moments).
 
     Args:
       config: the state configuration.
@@ -247,14 +248,17 @@ def adamw_with_state(config: StateConfig, hyper: Hyperparameters, learning_rate:
     import optstate
 
     adam = optstate.scale_by_adam(b1=hyper.b1, b2=hyper.b2, eps=hyper.eps)
-    if config.fmt != "fp32":
-        adam = optstate.quantize_state(adam, fmt=config.fmt, rounding=config.rounding,
-                                       min_size=hyper.min_size)
     period = reset_period(config, hyper)
     if period is not None:
         adam = optstate.reset_every_n(adam, period)
-    return optstate.chain(
+    tx = optstate.chain(
         adam,
         optstate.add_decayed_weights(hyper.weight_decay),
         optstate.scale_by_learning_rate(learning_rate),
     )
+    if config.fmt == "fp32":
+        return tx
+    # around the whole chain (whose update is elementwise per parameter), so that
+    # optstate.update_and_apply writes the parameters in place in quantize_state's loop
+    return optstate.quantize_state(tx, fmt=config.fmt, rounding=config.rounding,
+                                   min_size=hyper.min_size)

@@ -85,18 +85,20 @@ def make_loss_fn(graphdef: nnx.GraphDef) -> Callable[[Params, jax.Array], jax.Ar
     return loss
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: Any, apply_updates: Callable) -> Any:
+def make_train_step(graphdef: nnx.GraphDef, tx: Any, update_and_apply: Callable) -> Any:
     """A jitted ``step(params, opt_state, windows) -> (params, opt_state, loss)``.
 
-    ``params`` and ``opt_state`` are donated. ``apply_updates`` is
-    :func:`optstate.apply_updates` (passed in so that this module has no optimizer import).
+    ``params`` and ``opt_state`` are donated. ``update_and_apply`` is
+    :func:`optstate.update_and_apply` (passed in so that this module has no optimizer
+    import): ``tx.update`` and ``apply_updates``, with ``quantize_state``'s state and the
+    parameters written in place, chunk by chunk.
     """
     loss_fn = make_loss_fn(graphdef)
 
     def step(params: Params, opt_state: OptState, windows: jax.Array):
         loss, grads = jax.value_and_grad(loss_fn)(params, windows)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return apply_updates(params, updates), opt_state, loss
+        params, opt_state = update_and_apply(tx, grads, opt_state, params)
+        return params, opt_state, loss
 
     return jax.jit(step, donate_argnums=(0, 1))
 

@@ -255,10 +255,15 @@ def compensated_params(inner: GradientTransformation, correction: str = "int8", 
     stores them as), its arithmetic is float32's and decoupled weight decay sees the exact
     value.
 
-    Place this wrapper last (outermost): the updates it returns are exact only as they are.
-    Compose with ``quantize_state`` inside it, ``compensated_params(quantize_state(adamw,
-    "int8"), "int8")``: int8 moments beside an int8 residual, about 3 bytes per parameter of
-    optimizer state (7 with bf16 parameters and gradients) against 16 for float32 AdamW.
+    No transform that changes updates may follow it: the updates it returns are exact only as
+    they are. ``quantize_state`` changes no update, and may go on either side: int8 moments
+    beside an int8 residual are about 3 bytes per parameter of optimizer state (7 with bf16
+    parameters and gradients) against 16 for float32 AdamW. Outside,
+    ``quantize_state(compensated_params(adamw, "int8"), "int8")``, the whole step (the
+    residual included) runs in ``quantize_state``'s bounded loop, and with
+    :func:`optstate.update_and_apply` the new parameters are written chunk by chunk in place:
+    the lowest peak memory. ``quantize_state`` never re-encodes the residual
+    (:data:`optstate.quantization.wrapper.EXACT_FIELDS`).
     The residual is a plain array shaped like its parameter (``optstate.sharding`` shards it
     like the parameter; checkpoints restore it exactly). Export the master weights with
     :func:`master_params`.

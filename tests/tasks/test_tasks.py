@@ -159,7 +159,7 @@ def _tiny_run(corpus, seed: int, steps: int = 40):
     hyper = task_configs.Hyperparameters(learning_rate=1e-2)
     tx = task_configs.build_optimizer(task_configs.parse_config("fp32"), hyper, steps)
     graphdef, params = init_model(TINY, seed)
-    step = make_train_step(graphdef, tx, optstate.apply_updates)
+    step = make_train_step(graphdef, tx, optstate.update_and_apply)
     return run_training(corpus, config, step, make_eval_fn(graphdef), params, tx.init(params))
 
 

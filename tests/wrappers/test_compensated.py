@@ -267,6 +267,30 @@ def test_quantize_state_inside_or_outside_gives_the_same_step():
     assert steps and all(s == "chunked" for s in steps.values()), steps
 
 
+@pytest.mark.parametrize("correction", ["bf16", "int16"])
+def test_quantize_state_outside_keeps_the_residual_as_it_is(correction):
+    """A residual already holds exact low-order bits: ``quantize_state`` around the wrapper
+    re-encodes the moments, never the residual (a block-wise int8 grid would drop the bf16
+    compensation's bits), and the step equals the unquantized residual's bit for bit."""
+    params = {"w": (jax.random.normal(jax.random.key(2), (64, 128)) * 0.5).astype(jnp.bfloat16)}
+    tx = optstate.quantize_state(optstate.compensated_params(optstate.adamw(1e-3), correction),
+                                 "int8", min_size=64)
+    state = tx.init(params)
+    residual = state.inner_state.residual["w"]
+    assert not optstate.is_quantized(residual)
+    assert residual.dtype == (jnp.bfloat16 if correction == "bf16" else jnp.int16)
+    # the same step with quantize_state inside (it never sees the residual)
+    inside = optstate.compensated_params(
+        optstate.quantize_state(optstate.adamw(1e-3), "int8", min_size=64), correction)
+    masters = []
+    for t in (tx, inside):
+        p, s = jax.jit(lambda p, s, g, t=t: optstate.update_and_apply(t, g, s, p))(
+            params, t.init(params), _grads(params, 0))
+        masters.append(np.asarray(optstate.master_params(p, s)["w"]))
+    assert np.any(masters[0] != np.asarray(params["w"], np.float32))
+    np.testing.assert_allclose(masters[0], masters[1], rtol=0, atol=1e-7)
+
+
 def test_master_params_export_and_errors():
     params = _params()
     tx = optstate.chain(optstate.compensated_params(optstate.sgd(1e-3), "int16"))
