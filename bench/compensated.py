@@ -6,9 +6,9 @@ Four measurements, each against float32 AdamW (Optax) on float32 parameters:
   from ``optstate.memory.state_bytes`` on abstract state; plus bf16 parameters and gradients.
   Limits: int8 residual + int8 moments <= 3.1; total <= 7.1 (against 16).
 * ``memory``: XLA's memory analysis (arguments + outputs - aliased + temporaries) of the
-  jitted, donated step ``(params, state, grads) -> (apply_updates(params, updates), state)``
-  on 8 leaves of 1024 x 1024, bf16 parameters and gradients (compiled only, nothing runs).
-  Limit: <= 0.45x Optax fp32 AdamW on float32 parameters.
+  jitted, donated step ``(params, state, grads) -> update_and_apply(...)`` (``update`` then
+  ``apply_updates`` for Optax) on 8 leaves of 1024 x 1024, bf16 parameters and gradients
+  (compiled only, nothing runs). Limit: <= 0.45x Optax fp32 AdamW on float32 parameters.
 * ``quality``: least squares with bf16 parameters, AdamW at lr 1e-3 from x0 in [1, 2) (half a
   bf16 step there is 3.9e-3: every update rounds away), final loss and the share of the
   plain-bf16 gap to float32 that each correction closes. Limits: int8 >= 90%, int16 and
