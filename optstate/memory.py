@@ -29,7 +29,7 @@ from optstate.quantization.policy import recording_roundings
 from optstate.quantization.wrapper import recording_update_paths
 
 __all__ = ["CompiledMemory", "Description", "LeafInfo", "compiled_memory", "describe", "format_name",
-           "state_bytes"]
+           "memory_of", "state_bytes"]
 __all__ += ["StepPlan", "plan", "shard_bytes"]  # the planner (issue 17)
 
 def format_name(leaf: Any) -> str:
@@ -183,7 +183,13 @@ def compiled_memory(jitted: Any, *args: Any, **kwargs: Any) -> CompiledMemory:
 
     ``args`` may be arrays or ``jax.ShapeDtypeStruct``s; nothing is executed.
     """
-    analysis = jitted.lower(*args, **kwargs).compile().memory_analysis()
+    return memory_of(jitted.lower(*args, **kwargs).compile())
+
+
+def memory_of(compiled: Any) -> CompiledMemory:
+    """XLA's memory analysis of an already compiled function (``jax.jit(f).lower(...)
+    .compile()``), which can then be run without compiling again."""
+    analysis = compiled.memory_analysis()
     return CompiledMemory(
         arguments=int(analysis.argument_size_in_bytes),
         outputs=int(analysis.output_size_in_bytes),

@@ -177,8 +177,10 @@ def least_squares(make_tx: Callable[[], Any], *, n: int = 4096, batch: int = 64,
         updates, state = tx.update(jax.grad(loss)(w, x[idx], y[idx]), state, w)
         return (optax.apply_updates(w, updates), state), None
 
-    w = jnp.zeros((512, 64))
-    (w, state), _ = jax.jit(lambda c: jax.lax.scan(step, c, batches))((w, tx.init(w)))
+    def run(w):  # init under the same jit: eager init of quantized state compiles op by op
+        return jax.lax.scan(step, (w, tx.init(w)), batches)[0]
+
+    w, state = jax.jit(run)(jnp.zeros((512, 64)))
     return float(loss(w, x, y)), state
 
 

@@ -262,9 +262,10 @@ def chunked_step(chunk_elements: int, inner: GradientTransformation, updates, s_
     """The bounded-memory step for an inner update that is elementwise per parameter.
 
     Returns ``(new_updates, new_state_leaves)``; with ``apply`` (``optstate.update_and_apply``,
-    ``params`` given) ``(new_params, new_state_leaves)``: each loop or group then also computes
-    its parameters' updates and writes ``p + u`` in place of ``p``, so no float32 update of a
-    processed parameter and no copy of its old state is ever materialized.
+    ``params`` given) ``(new_params, new_state_leaves)``: each row-chunk loop then also computes
+    its parameter's update and writes ``p + u`` in place of ``p``, so no float32 update of a
+    looped parameter and no copy of its old state is ever materialized (groups of small
+    parameters stay as they are: their updates fuse into ``p + u`` in the whole-tree call).
     """
     u_leaves, u_def = jax.tree.flatten(updates)
     p_leaves = None if params is None else jax.tree.flatten(params)[0]
@@ -297,25 +298,25 @@ def chunked_step(chunk_elements: int, inner: GradientTransformation, updates, s_
         if apply:
             applied[k] = old  # the new parameter; no copy of the old state was made
             dependency.append(old)
-        if not apply:
+        else:
             _read_after(read_leaves, old, dependency)
     for group in small_groups(chunk_elements, small):
         members, old = _group_step(inner, {k: chunked[k] for k in group}, u_leaves, u_def,
                                    p_leaves, p_def, s_leaves, s_def, extra_args, seeds,
-                                   dependency, apply)
+                                   dependency)
         loops.append(members)
         dependency = _stored_arrays(members.values())
-        if apply:
-            applied.update(old)  # the group's new parameters
-        else:
-            _read_after(read_leaves, old, dependency)
+        # with apply too, a group's updates come from the whole-tree call, fused into p + u
+        # (computed in the group, a float32 update of a whole leaf would be materialized)
+        _read_after(read_leaves, old, dependency)
 
     # 2. One call of the inner update on the whole tree, on the old state, gives every update
     #    and the new state of everything not processed above (scalars, leaves of parameters
     #    without quantized state, unrelated state). The new state of the parameters processed
-    #    above from this call is dropped (never computed), and their updates are elementwise functions of the gradients, parameters
-    #    and dequantized codes, which XLA fuses into whatever consumes them
-    #    (``apply_updates``): no float32 copy of their state or update is kept.
+    #    above from this call is dropped (never computed), and their updates are elementwise
+    #    functions of the gradients, parameters and dequantized codes, which XLA fuses into
+    #    whatever consumes them (``apply_updates``): no float32 copy of their state or update
+    #    is kept. With ``apply`` the looped parameters are left out of this call.
     u_rest = list(u_leaves)
     p_rest = None if p_leaves is None else list(p_leaves)
     s_rest = [dequantize(x) if is_quantized(x) else x for x in read_leaves]
@@ -373,15 +374,14 @@ def _read_after(read_leaves: list[Any], old: dict[int, Any], dependency: list[ja
 
 
 def _group_step(inner, group, u_leaves, u_def, p_leaves, p_def, s_leaves, s_def, extra_args,
-                seeds, dependency, apply=False):
+                seeds, dependency):
     """Runs ``inner.update`` once on the small parameters of ``group`` (parameter index -> its
     state leaves), whole, every other array leaf passed as an empty placeholder.
 
     The group's old stored state is copied once ``dependency`` (the previous loop's or group's
     new state) exists, so that groups run one after another and their float32 values are
     never all alive at once. Returns the new values of the group's state leaves (its updates
-    come from the whole-tree call) and the copy of their old values; with ``apply``, the new
-    values of the group's parameters (``p + u``) in place of that copy.
+    come from the whole-tree call) and the copy of their old values.
     """
     zero = None if dependency is None else zero_from(dependency)
     old: dict[int, Any] = {}
@@ -403,7 +403,7 @@ def _group_step(inner, group, u_leaves, u_def, p_leaves, p_def, s_leaves, s_def,
             p_in[k] = p_leaves[k]
         for s in ss:
             s_in[s] = dequantize(old[s]) if is_quantized(old[s]) else old[s]
-    new_u_tree, new_s_tree = inner.update(
+    _, new_s_tree = inner.update(
         u_def.unflatten(u_in), s_def.unflatten(s_in),
         None if p_def is None else p_def.unflatten(p_in), **extra_args)
     new_s_flat = s_def.flatten_up_to(new_s_tree)
@@ -413,9 +413,6 @@ def _group_step(inner, group, u_leaves, u_def, p_leaves, p_def, s_leaves, s_def,
         for s, value in zip(ss, kept):
             x = s_leaves[s]
             new[s] = requantize_like(x, value, seeds[s]) if is_quantized(x) else value
-    if apply:
-        new_u = jax.tree.leaves(new_u_tree)
-        return new, {k: _apply_leaf(p_leaves[k], new_u[k]) for k in group}
     return new, old
 
 

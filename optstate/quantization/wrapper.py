@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 import re
 import warnings
@@ -540,15 +541,23 @@ def _warn_fallback(warned: list[str], reason: str | None, s_leaves: list[Any],
         BoundedStepFallbackWarning, stacklevel=4)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _quantize_fresh(value: jax.Array, fmt: StorageFormat, block: int, nonneg: bool
+                    ) -> QuantizedArray:
+    """``quantize_array`` of a fresh state leaf, compiled once per shape and format: ``init``
+    called outside ``jit`` would otherwise quantize op by op, compiling each one."""
+    # A fresh state is usually constant (zeros): under ``jit`` XLA would otherwise fold its
+    # whole quantization at compile time, taking minutes for large leaves.
+    value = jax.lax.optimization_barrier(value)
+    return quantize_array(value, fmt, block_size=block or None, nonneg=nonneg)
+
+
 def _quantize_leaf(value: Any, fmt: StorageFormat, block: int, nonneg: bool) -> QuantizedArray:
     """``quantize_array`` of a freshly initialized state leaf; on an Explicit mesh, in Auto
     mode with the codes typed like the leaf (the last axis unsplit for packed codes) and
     the scales replicated (``init``'s ``out_shardings`` places them)."""
     def quantize(v):
-        # A fresh state is usually constant (zeros): under ``jit`` XLA would otherwise fold
-        # its whole quantization at compile time, taking minutes for large leaves.
-        v = jax.lax.optimization_barrier(v)
-        return quantize_array(v, fmt, block_size=block or None, nonneg=nonneg)
+        return _quantize_fresh(v, fmt, block, nonneg)
 
     spec = _explicit_spec(value)
     if spec is None:

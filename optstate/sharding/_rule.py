@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from optstate._core._compat import typed_sharding
 from optstate._core.leaves import key_name, path_names, path_str
 from optstate._core.types import Params
-from optstate.quantization.array import is_quantized
+from optstate.quantization.array import is_quantized, splits_whole_blocks
 
 Entry = Any  # one entry of a PartitionSpec: None, an axis name or a tuple of axis names
 KeyPath = tuple[Hashable, ...]  # the plain names along a key path (``path_names``)
@@ -250,46 +250,6 @@ def param_specs(params: Params, sizes: Mapping[str, int], axis: str, shard: bool
 # --------------------------------------------------------------------------------------------
 
 
-def _block_split_ok(node: Any, codes_shape: tuple[int, ...], scales_shape: tuple[int, ...],
-                    d: int, k: int) -> bool:
-    """Whether logical dimension ``d`` of quantized ``node`` can be split ``k`` ways with codes
-    and scales split alike and every shard holding whole blocks.
-
-    Layout of :class:`~optstate.quantization.array.QuantizedArray`: ``codes`` has the logical
-    dims (the last one packed for int4); ``scales`` has shape ``(*shape[:a], n_blocks)``,
-    where blocks run over the flattened trailing axes ``shape[a:]``, or ``(shape[0] // g, 1)``
-    when a block is ``g`` whole rows.
-    """
-    shape = tuple(int(x) for x in node.shape)
-    if k == 1:
-        return True
-    if shape[d] % k or codes_shape[d] % k:
-        return False
-    if math.prod(scales_shape) == 0:  # bf16: no scales, no blocks
-        return True
-    if getattr(getattr(node, "format", None), "rank1", False) and len(shape) >= 2:
-        # rank-1 normalisation: every element's scale involves a maximum over its whole
-        # row and column, so no split of the leaf holds whole "blocks": replicate it
-        return False
-    block = int(getattr(node, "block_size", 0) or 0)
-    last = len(scales_shape) - 1
-    if d < last:
-        # an axis before the blocked ones: every index along it has blocks of its own, or
-        # (rows grouped g at a time) the scales follow whole groups of rows
-        rows_grouped = (d == 0 and len(scales_shape) == 2 and scales_shape[1] == 1
-                        and scales_shape[0] != shape[0])
-        if rows_grouped:
-            return scales_shape[0] % k == 0 and shape[0] % scales_shape[0] == 0
-        return scales_shape[d] == shape[d]
-    if d == last:
-        # the first blocked axis: a shard holds shape[d] / k slices of the trailing axes,
-        # which must be whole blocks (and the last block must not be ragged)
-        inner = math.prod(shape[d + 1:])
-        return (block > 0 and ((shape[d] // k) * inner) % block == 0
-                and scales_shape[d] % k == 0)
-    return False  # inside a block
-
-
 def quantized_plan(node: Any, path: KeyPath, matcher: Matcher, axis: str,
                    sizes: Mapping[str, int], shard: bool
                    ) -> tuple[list[PartitionSpec], int | None, ParamInfo | None]:
@@ -303,7 +263,7 @@ def quantized_plan(node: Any, path: KeyPath, matcher: Matcher, axis: str,
     scales_shape = tuple(int(x) for x in node.scales.shape)
 
     def ok(d: int, k: int) -> bool:
-        return _block_split_ok(node, codes_shape, scales_shape, d, k)
+        return splits_whole_blocks(node, codes_shape, scales_shape, d, k)
 
     base = list(info.base) if info is not None else [None] * ndim
     for d in range(ndim):

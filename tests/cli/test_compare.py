@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -47,9 +47,9 @@ def quick_run(tmp_path_factory):
     from optstate.tasks import training
     from optstate.tasks.transformer import ModelConfig
 
-    @dataclass(frozen=True)
+    @dataclasses.dataclass(frozen=True)
     class SmallTrainConfig(training.TrainConfig):
-        model: ModelConfig = field(
+        model: ModelConfig = dataclasses.field(
             default_factory=lambda: ModelConfig(d_model=64, num_heads=2, num_layers=1))
 
     out = tmp_path_factory.mktemp("results")

@@ -21,18 +21,19 @@ SHAPES = {"whole": (4, 256), "chunked": (32, 512)}  # chunked: >= 2 chunks of 40
 
 @functools.lru_cache(maxsize=None)
 def _transform(fmt):
-    """(tx, jitted update): one compilation per format and shape for the whole file."""
+    """(jitted init, jitted update): one compilation per format and shape for the whole file
+    (eagerly, a quantized init compiles each of its operations on its own: seconds)."""
     tx = optstate.adam(1e-2)
     if fmt != "fp32":
         tx = optstate.quantize_state(tx, fmt, min_size=1, chunk_elements=4096)
-    return tx, jax.jit(tx.update)
+    return jax.jit(tx.init), jax.jit(tx.update)
 
 
 def _run(fmt, shape, bad=None, at=(1, 7), steps=4, seed=0):
     """Updates after ``steps`` Adam steps; the first gradient holds ``bad`` at ``at``."""
     params = {"w": jnp.full(shape, 0.1, jnp.float32)}
-    tx, step = _transform(fmt)
-    state = tx.init(params)
+    init, step = _transform(fmt)
+    state = init(params)
     g0 = jax.random.normal(jax.random.key(seed), shape)
     for t in range(steps):
         g = g0.at[at].set(bad) if (t == 0 and bad is not None) else g0
@@ -110,9 +111,10 @@ def test_apply_if_finite_outside_skips_the_whole_step_bit_for_bit():
     params = {"w": jnp.full((4, 256), 0.1)}
     tx = optstate.apply_if_finite(optstate.quantize_state(optstate.adam(1e-2), "int8", min_size=1),
                                   max_consecutive_errors=5)
-    state = tx.init(params)
+    update = jax.jit(tx.update)  # one compilation (eagerly: every operation on its own)
+    state = jax.jit(tx.init)(params)
     g = jax.random.normal(jax.random.key(0), (4, 256))
-    _, state = tx.update({"w": g}, state, params)
-    _, after = tx.update({"w": g.at[1, 7].set(jnp.nan)}, state, params)
+    _, state = update({"w": g}, state, params)
+    _, after = update({"w": g.at[1, 7].set(jnp.nan)}, state, params)
     for a, b in zip(jax.tree.leaves(after.inner_state), jax.tree.leaves(state.inner_state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

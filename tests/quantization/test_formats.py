@@ -48,13 +48,19 @@ def test_dtype_format_names():
     assert formats.dtype_format_name(jnp.int32) == "int32"
 
 
+# Each example below has a new shape: compiled whole, quantization takes about 0.3 s; run
+# eagerly it takes seconds (every operation is compiled on its own).
+_quantize = jax.jit(quantize_array, static_argnums=1, static_argnames="nonneg")
+_dequantize = jax.jit(dequantize)
+
+
 @settings(deadline=None, max_examples=12)
 @given(st.sampled_from(formats.QUANTIZED_NAMES), st.integers(1, 3), st.integers(1, 300),
        st.integers(0, 2**31 - 1))
 def test_requantizing_a_stored_array_is_the_identity(name, rows, cols, seed):
-    x = jax.random.normal(jax.random.key(seed), (rows, cols), jnp.float32)
-    q = quantize_array(x, name)
-    again = quantize_array(dequantize(q), name)
+    x = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    q = _quantize(x, name)
+    again = _quantize(_dequantize(q), name)
     np.testing.assert_array_equal(np.asarray(again.codes), np.asarray(q.codes))
     np.testing.assert_array_equal(np.asarray(again.scales), np.asarray(q.scales))
 
@@ -68,10 +74,11 @@ def test_a_new_format_is_one_registry_entry(monkeypatch):
     grads = {"w": jax.random.normal(jax.random.key(0), (256, 256))}
     tx = optstate.quantize_state(optstate.adam(1e-2), "int8_b64", min_size=1)
     ref = optstate.quantize_state(optstate.adam(1e-2), "int8", block_size=64, min_size=1)
-    state, ref_state = tx.init(params), ref.init(params)
+    state, ref_state = jax.jit(tx.init)(params), jax.jit(ref.init)(params)
+    update, ref_update = jax.jit(tx.update), jax.jit(ref.update)
     for _ in range(2):
-        updates, state = jax.jit(tx.update)(grads, state, params)
-        ref_updates, ref_state = jax.jit(ref.update)(grads, ref_state, params)
+        updates, state = update(grads, state, params)
+        ref_updates, ref_state = ref_update(grads, ref_state, params)
     assert state.inner_state[0].mu["w"].fmt == "int8_b64"
     assert state.inner_state[0].mu["w"].scales.shape == (256, 4)
     np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(ref_updates["w"]))
@@ -86,11 +93,10 @@ def test_non_negative_grid_never_changes_a_sign(name, cols, seed, negative_share
     a negative value anyway keeps every value within the grid's resolution (before: the
     unsigned grid stored negatives as tiny positives, and FP8/BF16 clamped them to minus the
     smallest subnormal); a block without one uses the zero-free grid (no positive becomes 0)."""
-    key_sign, key_value = jax.random.split(jax.random.key(seed))
-    x = jnp.abs(jax.random.normal(key_value, (1, cols), jnp.float32)) + 1e-3  # one block
-    x = jnp.where(jax.random.uniform(key_sign, x.shape) < negative_share, -x, x)
-    hinted = np.asarray(dequantize(quantize_array(x, name, nonneg=True)))
-    x = np.asarray(x)
+    rng = np.random.default_rng(seed)  # (NumPy: eager jax.random compiles for each shape)
+    x = np.abs(rng.standard_normal((1, cols))).astype(np.float32) + np.float32(1e-3)  # a block
+    x = np.where(rng.uniform(size=x.shape) < negative_share, -x, x)
+    hinted = np.asarray(_dequantize(_quantize(x, name, nonneg=True)))
     # resolution over [-1, 1] relative to the block's largest magnitude: the shifted unsigned
     # code book for int8/int4 (int4's linear grid also stops at -7/8), the float grid otherwise
     resolution = {"int8": 0.01, "int4": 0.13, "fp8_e4m3": 0.07, "bf16": 0.01}.get(name, 0.13)

@@ -207,12 +207,14 @@ def _explicit_abstract(tx, mesh, shape, codes_spec=None, scales_spec=None):
     return params, state
 
 
-def test_kernel_per_shard_on_an_explicit_mesh_lowers_for_gpu_with_triton():
+@pytest.mark.parametrize("apply", [True, False], ids=["update_and_apply", "update"])
+def test_kernel_per_shard_on_an_explicit_mesh_lowers_for_gpu_with_triton(apply):
     mesh, tx = _mesh(), _tx("int8", "stochastic")
     params, state = _explicit_abstract(tx, mesh, SHAPE)
+    step = ((lambda g, s, p: optstate.update_and_apply(tx, g, s, p)) if apply
+            else (lambda g, s, p: tx.update(g, s, p)))
     with use_kernel("triton"), recording_update_paths() as record:
-        text = jax.jit(lambda g, s, p: optstate.update_and_apply(tx, g, s, p),
-                       donate_argnums=(1, 2)).trace(params, state, params).lower(
+        text = jax.jit(step, donate_argnums=(1, 2)).trace(params, state, params).lower(
             lowering_platforms=("cuda",)).as_text()
     assert set(record.values()) == {"kernel"}, record
     assert text.count("__gpu$xla.gpu.triton") == 1

@@ -20,6 +20,10 @@ from optstate.memory import state_bytes
 FORMATS = ["int8", "int4", "fp8_e4m3", "fp8_e5m2", "bf16"]
 
 
+#: ``dequantize`` compiled once per leaf shape (eagerly it compiles every operation on its own)
+_dequantize = jax.jit(dequantize)
+
+
 def _q_leaves(state):
     return [x for x in jax.tree.leaves(state, is_leaf=is_quantized) if is_quantized(x)]
 
@@ -36,7 +40,7 @@ def _bits(tree):
                                        ("fp8_e5m2", 2.05), ("bf16", 4.01), ("fp32", 8.01)])
 def test_adam_state_bytes_per_parameter(fmt, limit):
     params = {"w": jnp.zeros((1024, 1024))}
-    state = quantize_state(optax.adam(1e-3), fmt).init(params)
+    state = jax.jit(quantize_state(optax.adam(1e-3), fmt).init)(params)
     nbytes = state_bytes(state)
     assert nbytes == sum(x.nbytes for x in jax.tree.leaves(state))
     assert nbytes / 2**20 <= limit
@@ -108,12 +112,13 @@ def test_one_step_equals_optax_on_the_dequantized_state(fmt, rounding, names):
     shapes = {k: PARAMS_SHAPES[k] for k in names}
     params, grads = _tree(0, shapes=shapes), _tree(1, shapes=shapes)
     update = jax.jit(tx.update)
-    _, state = update(grads, tx.init(params), params)  # a non-trivial state
+    # (init and dequantize under jit: eagerly they compile op by op, ~30 s for int4)
+    _, state = update(grads, jax.jit(tx.init)(params), params)  # a non-trivial state
     grads = _tree(2, shapes=shapes)
     updates, new_state = update(grads, state, params)
 
-    deq = jax.tree.map(lambda x: dequantize(x) if is_quantized(x) else x, state.inner_state,
-                       is_leaf=is_quantized)
+    deq = jax.jit(lambda s: jax.tree.map(lambda x: dequantize(x) if is_quantized(x) else x, s,
+                                         is_leaf=is_quantized))(state.inner_state)
     ref_updates, ref_inner = jax.jit(inner.update)(grads, deq, params)
     for k in shapes:
         np.testing.assert_allclose(updates[k], ref_updates[k], rtol=1e-6, atol=1e-9)
@@ -139,7 +144,7 @@ def test_one_step_equals_optax_on_the_dequantized_state(fmt, rounding, names):
         # scales agree to float32 rounding and almost every code is the same, the rest being
         # the neighbouring code.
         np.testing.assert_allclose(new.scales, expect.scales, rtol=1e-6)
-        a, b = np.asarray(dequantize(new)), np.asarray(dequantize(expect))
+        a, b = np.asarray(_dequantize(new)), np.asarray(_dequantize(expect))
         same = np.isclose(a, b, rtol=1e-6, atol=0)
         assert same.mean() > 0.999
         r = np.asarray(ref)[~same]  # where they differ, the value lies between the two codes
@@ -169,7 +174,7 @@ def test_chunk_size_changes_results_only_by_float32_rounding(fmt, rounding):
         tx = quantize_state(optax.adamw(1e-2, weight_decay=0.1), fmt, rounding=rounding,
                             chunk_elements=chunk_elements, seed=5)
         update = jax.jit(tx.update)
-        state, updates = tx.init(params), []
+        state, updates = jax.jit(tx.init)(params), []
         for step in range(3):
             u, state = update(_tree(10 + step, shapes=shapes), state, params)
             updates.append(u)
@@ -193,7 +198,7 @@ def test_non_elementwise_inner_transforms_fall_back_to_whole_state():
     for inner in [optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)),
                   optstate.lamb(1e-2)]:
         tx = quantize_state(inner, "int8", chunk_elements=4096)
-        state = tx.init(params)
+        state = jax.jit(tx.init)(params)
         with pytest.warns(BoundedStepFallbackWarning, match="not elementwise.*reduce_sum"):
             _, state = jax.jit(tx.update)(grads, state, params)
         updates, _ = jax.jit(tx.update)(_tree(2, 10.0, SMALL_SHAPES), state, params)
@@ -257,7 +262,7 @@ def test_gradients_spanning_six_decades_in_one_block_stay_bounded(fmt):
     mags = 10.0 ** rng.uniform(-6, 0, shape)
     params = jnp.zeros(shape)
     tx = quantize_state(optstate.adam(1.0), fmt, min_size=0)
-    state = tx.init(params)
+    state = jax.jit(tx.init)(params)
     update = jax.jit(tx.update)
     worst = 0.0
     for t in range(30):
@@ -269,7 +274,7 @@ def test_gradients_spanning_six_decades_in_one_block_stay_bounded(fmt):
         worst = max(worst, np.abs(u).max())
         for q in _q_leaves(state):
             if q.nonneg:
-                d = np.asarray(dequantize(q))
+                d = np.asarray(_dequantize(q))
                 assert np.all(d > 0)  # the second moment is never stored as zero
     assert worst < 10.0  # Adam's step is about 1; no blow-up from tiny second moments
 
@@ -307,7 +312,7 @@ def test_state_structure_is_stable_and_the_step_jits_with_donation():
     params = {"w": jnp.ones((128, 64), jnp.bfloat16), "b": jnp.ones((64,), jnp.bfloat16),
               "scalar": jnp.ones(()), "empty": jnp.ones((0, 4))}
     tx = quantize_state(optstate.adamw(1e-3), "int4", min_size=64, chunk_elements=1024)
-    state = tx.init(params)
+    state = jax.jit(tx.init)(params)
     assert isinstance(state, QuantizedState)
     assert isinstance(state.inner_state[0].mu["w"], QuantizedArray)
 
@@ -319,9 +324,9 @@ def test_state_structure_is_stable_and_the_step_jits_with_donation():
     step = jax.jit(step, donate_argnums=(0, 1))
     new_params, new_state = step(jax.tree.map(jnp.copy, params), state,
                                  jax.tree.map(jnp.ones_like, params))
-    assert jax.tree.structure(new_state) == jax.tree.structure(tx.init(params))
+    assert jax.tree.structure(new_state) == jax.tree.structure(jax.eval_shape(tx.init, params))
     assert state.key.is_deleted()  # the state was donated
-    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(tx.init(params))):
+    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(jax.eval_shape(tx.init, params))):
         assert a.shape == b.shape and a.dtype == b.dtype
     assert new_params["w"].dtype == jnp.bfloat16
     ref, _ = optstate.adamw(1e-3).update(jax.tree.map(jnp.ones_like, params),
@@ -339,7 +344,7 @@ def test_chain_and_inject_hyperparams_compose():
     # quantize_state inside a chain, around an inject_hyperparams transform
     inner = optstate.inject_hyperparams(optstate.adamw)(learning_rate=1e-2, weight_decay=0.1)
     tx = optstate.chain(optstate.clip(10.0), quantize_state(inner, "int8", chunk_elements=4096))
-    state = tx.init(params)
+    state = jax.jit(tx.init)(params)
     hyper = state[1].inner_state.hyperparams
     assert hyper["learning_rate"].dtype == jnp.float32 and not is_quantized(hyper["learning_rate"])
     u1, state = jax.jit(tx.update)(grads, state, params)
@@ -352,10 +357,10 @@ def test_chain_and_inject_hyperparams_compose():
     tx2 = optstate.inject_hyperparams(
         lambda learning_rate: quantize_state(optstate.adam(learning_rate), "int8"))(
             learning_rate=1e-2)
-    s2 = tx2.init(params)
+    s2 = jax.jit(tx2.init)(params)
     u, s2 = jax.jit(tx2.update)(grads, s2, params)
     plain = quantize_state(optstate.adam(1e-2), "int8")
-    ref, _ = jax.jit(plain.update)(grads, plain.init(params), params)
+    ref, _ = jax.jit(plain.update)(grads, jax.jit(plain.init)(params), params)
     for k in SMALL_SHAPES:
         np.testing.assert_allclose(u[k], ref[k], rtol=1e-5, atol=1e-9)
 
@@ -369,7 +374,7 @@ def test_a_nan_step_under_apply_if_finite_leaves_the_quantized_state_bit_identic
                quantize_state(optstate.apply_if_finite(optstate.adam(1e-2), 5), "int8",
                               rounding=rounding)]:
         update = jax.jit(tx.update)
-        state = tx.init(params)
+        state = jax.jit(tx.init)(params)
         _, state = update(grads, state, params)
         _, after = update(bad, state, params)
         quantized = lambda s: [x for x in _q_leaves(s)]  # noqa: E731
@@ -423,7 +428,7 @@ def test_flax_nnx_optimizer_accepts_the_wrapper():
         u, s = tx.update(grads, s, p)
         return optstate.apply_updates(p, u), s
 
-    state = tx.init(params)
+    state = jax.jit(tx.init)(params)
     for _ in range(3):
         nnx_step(model, opt)
         params, state = step(params, state)
@@ -434,14 +439,15 @@ def test_flax_nnx_optimizer_accepts_the_wrapper():
 def test_describe_shows_the_step_each_quantized_leaf_takes():
     params = {"w": jnp.ones((512, 256)), "b": jnp.ones((256,))}
     chunked_tx = quantize_state(optstate.adamw(1e-3), "int8")
+    state = jax.jit(chunked_tx.init)(params)
     with warnings.catch_warnings():
         warnings.simplefilter("error", BoundedStepFallbackWarning)  # elementwise: no fallback
-        rows = optstate.memory.describe(chunked_tx.init(params), params, tx=chunked_tx).rows
+        rows = optstate.memory.describe(state, params, tx=chunked_tx).rows
     steps = {r.path: r.step for r in rows if r.format == "int8"}
     assert steps == {".inner_state[0].mu['w']": "chunked", ".inner_state[0].nu['w']": "chunked"}
     whole_tx = quantize_state(optstate.lamb(1e-3), "int8")
     with pytest.warns(BoundedStepFallbackWarning):
-        rows = optstate.memory.describe(whole_tx.init(params), params, tx=whole_tx).rows
+        rows = optstate.memory.describe(jax.jit(whole_tx.init)(params), params, tx=whole_tx).rows
     steps = [r.step for r in rows if r.format == "int8"]
     assert len(steps) == 2 and all(s.startswith("whole: ") and "reduce_sum" in s for s in steps)
 

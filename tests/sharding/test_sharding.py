@@ -540,11 +540,14 @@ dequantize_jit = jax.jit(dequantize)
 
 
 def _local_dequantized(q):
-    """Dequantizes every device's shard of ``q`` on its own: (index, local, device)."""
-    scales_by_device = {s.device: s.data for s in q.scales.addressable_shards}
+    """Dequantizes every device's shard of ``q`` on its own: (index, local, device).
+
+    Each shard's codes and scales are copied to the host first, so that the dequantization
+    compiles once per local shape rather than once per device holding it."""
+    scales_by_device = {s.device: np.asarray(s.data) for s in q.scales.addressable_shards}
     out = []
     for shard in q.codes.addressable_shards:
-        codes = shard.data
+        codes = np.asarray(shard.data)
         local_shape = list(codes.shape)
         packed = q.format.values_per_code > 1
         if packed:  # packed last axis: logical length from the split factor
@@ -571,7 +574,8 @@ def test_quantized_blocks_never_straddle_a_shard(fmt):
     params = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
     tx = optstate.quantize_state(optstate.adam(1e-2), fmt)
     grads = jax.tree.map(lambda p: np.float32(0.1) * p + 0.01, params)
-    _, state = jax.jit(tx.update)(grads, tx.init(params), params)  # non-trivial moments
+    # non-trivial moments (init under jit: eager init quantizes op by op, ~20 s for int4)
+    _, state = jax.jit(tx.update)(grads, jax.jit(tx.init)(params), params)
     mesh = mesh_1d()
     s_sh = sharding.tree_shardings(state, params, mesh, stage=1)
     placed = jax.device_put(state, s_sh)
