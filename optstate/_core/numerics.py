@@ -259,3 +259,14 @@ def check_same_structure(tree: PyTree, reference: PyTree, *, name: str, referenc
 
     check_same_tree(erase(tree), erase(reference), name=name, reference_name=reference_name,
                     context=context)
+
+
+def round_half_even(v: jax.Array) -> jax.Array:
+    """``jnp.round`` (ties to even) from ``floor``: Pallas' Triton lowering has no ``round``,
+    and kernels (the fused kernel's codecs, ``compensated_params`` inside it) use this.
+    Exact for ``|v| < 2**22``."""
+    f = jnp.floor(v)
+    d = v - f
+    odd = (f - 2.0 * jnp.floor(f * 0.5)) == 1.0
+    out = f + jnp.where((d > 0.5) | ((d == 0.5) & odd), 1.0, 0.0)
+    return jnp.where(out == 0, v * 0.0, out)  # -0.0 for small negative v, as jnp.round

@@ -210,7 +210,10 @@ def _why_not(k: int, ss: list[int], s_leaves: list[Any], u_leaves: list[Any],
         dtype = x.dtype if is_quantized(x) else jnp.asarray(x).dtype
         if tuple(jnp.shape(x) if not is_quantized(x) else x.shape) != shape:
             return "a state leaf of another shape"
-        if not jnp.issubdtype(dtype, jnp.floating):
+        # integer leaves of the parameter's shape (compensated_params' residual codes) are
+        # carried through the tile as they are; the inner update computes on them itself
+        if not (jnp.issubdtype(dtype, jnp.floating) or (
+                not is_quantized(x) and jnp.issubdtype(dtype, jnp.integer))):
             return f"a state leaf of dtype {dtype}"
     leaves = [u_leaves[k]] + ([] if p_leaves is None else [p_leaves[k]])
     for x in leaves:

@@ -72,6 +72,14 @@ TILE_ELEMENTS = 1 << 13
 
 _UNBLOCKED_WIDTH = 1024  # tile width of a format without blocks (BF16)
 
+#: Primitives a backend's Pallas lowering lacks (JAX 0.10): an inner update that binds one on
+#: its tiles takes the XLA path, with the reason shown by ``describe``, instead of failing
+#: when the step compiles.
+UNLOWERED: dict[str, frozenset[str]] = {
+    "triton": frozenset({"reduce_precision", "round"}),
+    "mosaic": frozenset({"reduce_precision"}),
+}
+
 #: Backends whose tiles compute code books by arithmetic (:class:`ArithmeticBook`, no gathers)
 #: instead of reading their tables: Mosaic TPU lowers no general gather.
 ARITHMETIC_BOOK_BACKENDS = ("mosaic",)
@@ -266,6 +274,9 @@ def fused_parameter(inner_update: Callable[..., Any], leaf: Leaf, geo: Geometry,
     tile_avals += [tile_aval(s_leaves[s]) for s in members]
     program = Program(tile_fn, [jax.ShapeDtypeStruct((), x.dtype) for x in scalar_values],
                        tile_avals)
+    unlowered = program.tile_primitives() & UNLOWERED.get(backend, frozenset())
+    if unlowered:  # raised while tracing: the parameter takes the XLA path, saying why
+        raise NotImplementedError(f"{backend} does not lower {sorted(unlowered)}")
     carried = program.scalars(scalar_values)
     carried_dtypes = [v.aval.dtype for v in program.carried]
     scalar_args = [(x.astype(jnp.int32) if x.dtype == jnp.bool_ else x).reshape((1,))

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from optstate._core.numerics import round_half_even
 from optstate.quantization import codebooks, randomness
 from optstate.quantization.codecs import CodebookCodec, FloatCodec, ScaledFloatCodec
 from optstate.quantization.formats import StorageFormat
@@ -322,15 +323,6 @@ def uniform_at(seed: tuple[jax.Array, jax.Array], n: jax.Array) -> jax.Array:
     h = mix(n + seed[0])
     h = mix(h ^ seed[1])
     return (h >> 8).astype(jnp.float32) * np.float32(2.0**-24)
-
-
-def round_half_even(v: jax.Array) -> jax.Array:
-    """``jnp.round`` (ties to even) from ``floor`` (Triton has no ``round``); exact for
-    ``|v| < 2**22``."""
-    f = jnp.floor(v)
-    d = v - f
-    odd = (f - 2.0 * jnp.floor(f * 0.5)) == 1.0
-    return f + jnp.where((d > 0.5) | ((d == 0.5) & odd), 1.0, 0.0)
 
 
 def _absmax(parts: list[jax.Array], masks: list[jax.Array]) -> jax.Array:

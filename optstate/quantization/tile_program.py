@@ -68,6 +68,22 @@ class Program:
                         [v for e in outer for v in e.outvars] if v in live]
         self.outer = outer
 
+    def tile_primitives(self) -> set[str]:
+        """The names of the primitives the tile work binds, nested calls included."""
+        names: set[str] = set()
+
+        def visit(eqns: list[Any]) -> None:
+            for eqn in eqns:
+                names.add(eqn.primitive.name)
+                for value in eqn.params.values():
+                    for sub in value if isinstance(value, (tuple, list)) else (value,):
+                        inner = getattr(sub, "jaxpr", sub)
+                        if hasattr(inner, "eqns"):
+                            visit(inner.eqns)
+
+        visit(self.inner)
+        return names
+
     def scalars(self, values: list[Any]) -> list[jax.Array]:
         """The scalars the tile work reads, computed from the scalar inputs ``values``."""
         env: dict[Any, Any] = dict(zip(self.jaxpr.constvars, self.consts))

@@ -23,6 +23,7 @@ import numpy as np
 from optstate._core.base import GradientTransformation, with_extra_args_support
 from optstate._core.checks import check_int, check_state, check_transform, describe
 from optstate._core.leaves import path_str
+from optstate._core.numerics import round_half_even
 from optstate._core.types import OptState, Params, PyTree, Updates
 
 __all__ = ["CORRECTIONS", "CompensatedParamsState", "FullPrecision", "compensated_params",
@@ -71,18 +72,33 @@ def _is_low(dtype: Any) -> bool:
 
 
 def _round_nearest(x: jax.Array, dtype: Any) -> jax.Array:
-    """``x`` (float32) rounded to the nearest value of ``dtype``, still as float32.
+    """``x`` (float32) rounded to the nearest value of ``dtype`` (ties to even), still as
+    float32.
 
-    ``reduce_precision`` rather than a cast there and back: XLA may drop a pair of casts
-    (``xla_allow_excess_precision``, on by default), which would make every residual zero.
+    Integer arithmetic on the float32 bits: the dropped mantissa bits are rounded half to
+    even by adding ``2**(d-1) - 1`` plus the kept last bit, then masked off (a carry moves
+    into the exponent, as rounding up to the next binade must). Not a cast there and back,
+    which XLA may drop (``xla_allow_excess_precision``, on by default: every residual would be
+    zero), nor ``reduce_precision``, which Pallas' Triton lowering lacks (the fused kernel runs
+    this on tiles).
     """
     info = jnp.finfo(dtype)
-    out = jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    drop = 23 - int(info.nmant)  # float32 mantissa bits that ``dtype`` does not keep
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    last = (bits >> np.uint32(drop)) & np.uint32(1)
+    bits = (bits + np.uint32((1 << (drop - 1)) - 1) + last) & np.uint32(
+        (0xFFFFFFFF << drop) & 0xFFFFFFFF)
+    out = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    out = jnp.where(x != x, x, out)  # a NaN's payload could round to infinity
+    if int(info.nexp) < 8:
+        # past the largest finite value of ``dtype``: infinity (float32 has more binades)
+        inf = jnp.where(x < 0, np.float32(-np.inf), np.float32(np.inf))
+        out = jnp.where(jnp.abs(out) > np.float32(info.max), inf, out)
     if info.minexp - info.nmant >= jnp.finfo(jnp.float32).minexp:
-        # reduce_precision flushes the subnormals of ``dtype`` (fp16's start at 6e-5): round
-        # those to multiples of the subnormal spacing (a power of two: exact), ties to even
+        # below ``dtype``'s normal range (fp16's starts at 6e-5): multiples of its subnormal
+        # spacing (a power of two: exact), ties to even
         spacing = np.float32(2.0 ** (info.minexp - info.nmant))
-        sub = jnp.round(x / spacing) * spacing
+        sub = round_half_even(x / spacing) * spacing
         out = jnp.where(jnp.abs(x) < np.float32(2.0**info.minexp), sub, out)
     return out
 
@@ -118,7 +134,7 @@ def _encode(master: jax.Array, p32: jax.Array, dtype: Any, correction: str) -> j
     # diff / ulp * 2**bits: ulp is a power of two, so the scaling is exact. The grid is
     # symmetric (no code -2**(bits-1)): a decoded master is never a tie, so it rounds to p.
     scaled = diff / _ulp(jnp.abs(p32), dtype) * np.float32(2.0**bits)
-    return jnp.clip(jnp.round(scaled), -info.max, info.max).astype(code_dtype)
+    return jnp.clip(round_half_even(scaled), -info.max, info.max).astype(code_dtype)
 
 
 def _decode(p: jax.Array, residual: Any, dtype: Any, correction: str) -> jax.Array:
@@ -144,7 +160,7 @@ def _round_stochastic(x: jax.Array, dtype: Any, u: jax.Array) -> jax.Array:
     toward_zero = (d * near) < 0
     power_of_two = a == ulp * np.float32(2.0 ** jnp.finfo(dtype).nmant)
     gap = jnp.where(toward_zero & power_of_two, ulp * np.float32(0.5), ulp)
-    far = near + jnp.sign(d) * gap
+    far = near + jnp.where(d < 0, -gap, gap)
     return jnp.where(u * gap < jnp.abs(d), far, near)
 
 

@@ -291,3 +291,52 @@ def test_update_and_apply_with_the_kernel_equals_update_then_apply():
     # p + u rounds alike up to one ulp of p (the update is ~1e-2: atol 1e-8)
     np.testing.assert_allclose(got_p["w"], want_p["w"], rtol=1e-6, atol=1e-8)
     _assert_state_close(got_s, want_s, "int8")
+
+
+# -- compensated_params inside the kernel; primitives a backend does not lower -----------------
+
+
+def test_compensated_residual_rides_in_the_kernel():
+    """``quantize_state(compensated_params(adamw))`` on bf16 parameters: the int8 residual is a
+    plain integer leaf carried through the tile, and the wrapper's rounding is integer
+    arithmetic (Triton lowers it): interpret mode equals the XLA path bit for bit, and the
+    step lowers for GPU as one Triton call."""
+    tx = optstate.quantize_state(optstate.compensated_params(optstate.adamw(1e-3), "int8"),
+                                 "int8", min_size=1)
+    k1, k2 = jax.random.split(jax.random.key(3))
+    params = {"w": (0.5 * jax.random.normal(k1, (8, 512))).astype(jnp.bfloat16)}
+    grads = {"w": (0.01 * jax.random.normal(k2, (8, 512))).astype(jnp.bfloat16)}
+    state = jax.jit(tx.init)(params)
+
+    def step(g, s, p):
+        return optstate.update_and_apply(tx, g, s, p)
+
+    # a new function for each jit: the kernel choice is made when a step is traced
+    want = jax.jit(lambda *a: step(*a))(grads, state, params)
+    with use_kernel("interpret"), recording_update_paths() as record:
+        got = jax.jit(lambda *a: step(*a))(grads, state, params)
+    assert set(record.values()) == {"kernel"}, record
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    assert np.any(np.asarray(got[1].inner_state.residual["w"]) != 0)
+    with use_kernel("triton"):
+        text = jax.jit(lambda *a: step(*a)).trace(grads, state, params).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+def test_a_primitive_the_backend_does_not_lower_takes_the_xla_path_visibly():
+    def init(p):
+        return {"m": jax.tree.map(jnp.zeros_like, p)}
+
+    def update(g, s, p=None):  # jnp.round: no Triton lowering in JAX 0.10
+        m = jax.tree.map(lambda m, g: jnp.round(0.9 * m + g), s["m"], g)
+        return m, {"m": m}
+
+    tx = optstate.quantize_state(optstate.GradientTransformation(init, update), "int8",
+                                 min_size=1)
+    params = {"w": jnp.ones((8, 512))}
+    state = tx.init(params)
+    with use_kernel("triton"), recording_update_paths() as record, pytest.warns(
+            KernelFallbackWarning, match="does not lower"):
+        jax.jit(tx.update).trace(params, state, params).lower(lowering_platforms=("cuda",))
+    assert "triton does not lower ['round']" in record["['m']['w']"]
