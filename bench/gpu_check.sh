@@ -52,6 +52,17 @@ for fmt in ("int8", "int4", "fp8_e4m3", "bf16"):
                     if a.dtype in (jnp.uint8, jnp.uint16))
         print(f"{fmt:9s} {rounding:10s} paths={sorted(set(record.values()))} "
               f"max rel update diff {du:.1e}, max code diff {steps}")
+# compensated_params (bf16 parameters, int8 residual) inside quantize_state, in the kernel
+tx = optstate.quantize_state(optstate.compensated_params(optstate.adamw(1e-3), "int8"), "int8")
+p = {"w": (0.5 * jax.random.normal(jax.random.key(1), (4096, 4096))).astype(jnp.bfloat16)}
+g = jax.tree.map(lambda x: (0.01 * x).astype(jnp.bfloat16), p)
+s = tx.init(p)
+with use_kernel("off"):
+    want = jax.jit(lambda *a: optstate.update_and_apply(tx, *a))(g, s, p)
+with recording_update_paths() as record:
+    got = jax.jit(lambda *a: optstate.update_and_apply(tx, *a))(g, s, p)
+same = all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+print(f"compensated int8 paths={sorted(set(record.values()))} identical to the XLA path: {same}")
 EOF
 
   echo; echo "## step time, 32M parameters"
