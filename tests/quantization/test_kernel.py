@@ -6,6 +6,8 @@ rtol 1e-6; it must lower for GPU (Triton) and TPU (Mosaic) on this CPU machine; 
 ``update_and_apply`` must equal ``update`` followed by ``apply_updates``.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,12 +136,20 @@ def test_a_code_book_without_arithmetic_form_is_refused():
         tile_codecs.ArithmeticBook(odd)
 
 
+def _planned_paths(tx, shape, mode, fallback=None):
+    """The update path of each state leaf when ``tx`` updates a ``shape`` parameter under
+    ``use_kernel(mode)`` (traced abstractly); with ``fallback``, the kernel warning it raises."""
+    p = {"w": jax.ShapeDtypeStruct(shape, jnp.float32)}
+    warns = (pytest.warns(KernelFallbackWarning, match=fallback) if fallback
+             else contextlib.nullcontext())
+    with use_kernel(mode), recording_update_paths() as record, warns:
+        jax.eval_shape(tx.update, p, jax.eval_shape(tx.init, p), p)
+    return record
+
+
 def test_int4_with_an_odd_last_axis_takes_the_xla_path_visibly():
     tx = optstate.quantize_state(optstate.adam(1e-3), "int4", min_size=1, rank1=False)
-    p = {"w": jax.ShapeDtypeStruct((9, 7), jnp.float32)}
-    with use_kernel("interpret"), recording_update_paths() as record, pytest.warns(
-            KernelFallbackWarning, match="odd last axis"):
-        jax.eval_shape(tx.update, p, jax.eval_shape(tx.init, p), p)
+    record = _planned_paths(tx, (9, 7), "interpret", "odd last axis")
     assert all("no kernel: int4 codes of an odd last axis" in v for v in record.values())
 
 
@@ -213,16 +223,11 @@ def test_kernel_lowers_for_tpu_with_mosaic(fmt, rounding):
 def test_code_books_take_the_kernel_on_tpu_and_short_blocks_fall_back_visibly():
     for fmt in ("int8", "int4"):
         tx = optstate.quantize_state(optstate.adam(1e-3), fmt, min_size=1, rank1=False)
-        p = {"w": jax.ShapeDtypeStruct((8, 256), jnp.float32)}
-        with use_kernel("mosaic"), recording_update_paths() as record:
-            jax.eval_shape(tx.update, p, jax.eval_shape(tx.init, p), p)
+        record = _planned_paths(tx, (8, 256), "mosaic")
         assert set(record.values()) == {"kernel"}, (fmt, record)
     # a row whose last block is short still takes the XLA path on TPU, and says why
     tx = optstate.quantize_state(optstate.adam(1e-3), "int8", min_size=1)
-    p = {"w": jax.ShapeDtypeStruct((3, 600), jnp.float32)}
-    with use_kernel("mosaic"), recording_update_paths() as record, pytest.warns(
-            KernelFallbackWarning, match="short"):
-        jax.eval_shape(tx.update, p, jax.eval_shape(tx.init, p), p)
+    record = _planned_paths(tx, (3, 600), "mosaic", "short")
     assert all("no kernel: a row whose last block is short" in v for v in record.values())
 
 
