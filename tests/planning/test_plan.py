@@ -71,15 +71,22 @@ def test_state_per_device_is_bytes_per_param_times_params_over_the_stage(size):
             assert abs(per_device / (total / (8 if stage else 1)) - 1) < 0.02, (fmt, stage)
 
 
-def test_plan_api_on_a_users_step():
-    tx, _ = optimizer("fp32")
-    p = {"w": jax.ShapeDtypeStruct((512, 256), jnp.float32)}
+def _users_step(fmt, shape):
+    """A user's own step ``(params, state, grads) -> (params, state)`` with the family's
+    optimizer in ``fmt``, its abstract parameters and state."""
+    tx, _ = optimizer(fmt)
+    p = {"w": jax.ShapeDtypeStruct(shape, jnp.float32)}
     s = jax.eval_shape(tx.init, p)
 
     def step(p, s, g):
         u, s = tx.update(g, s, p)
         return jax.tree.map(lambda a, b: a + b, p, u), s
 
+    return step, p, s
+
+
+def test_plan_api_on_a_users_step():
+    step, p, s = _users_step("fp32", (512, 256))
     result = plan(step, p, s, p, donate_argnums=(0, 1))
     assert result.arguments == (512 * 256 * 4, 2 * 512 * 256 * 4 + 4, 512 * 256 * 4)
     # the donated step writes parameters and state in place
@@ -146,13 +153,6 @@ def test_bad_arguments_are_one_line_and_exit_2(capsys, argv, message):
 def test_plan_counts_arguments_that_jit_leaves_out():
     # bf16 state keeps empty scales, which jit drops from the compiled program; the state
     # column must still be the state's bytes, aligned leaf by leaf
-    tx, _ = optimizer("bf16")
-    p = {"w": jax.ShapeDtypeStruct((256, 256), jnp.float32)}
-    s = jax.eval_shape(tx.init, p)
-
-    def step(p, s, g):
-        u, s = tx.update(g, s, p)
-        return jax.tree.map(lambda a, b: a + b, p, u), s
-
+    step, p, s = _users_step("bf16", (256, 256))
     result = plan(step, p, s, p, donate_argnums=(0, 1))
     assert result.arguments[1] == state_bytes(s)
